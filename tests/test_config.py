@@ -1,0 +1,112 @@
+"""Every config composes; user mistakes stop the run with one line; --cfg job stays torch-free."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import ROOT, run_cli
+from trainer.schema import UserError, register_schemas, validate
+
+CONF = ROOT / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_validated(overrides: list[str]):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return validate(compose("config", overrides=overrides))
+
+
+def test_the_groups_the_design_promises_exist():
+    assert {"dense"} <= set(options("model"))
+    assert {"cpu", "mps", "cuda", "a100_zero2"} <= set(options("hardware"))
+    assert {"quickstart", "shakedown", "dense"} <= set(options("preset"))
+    assert {"embedded", "mixed3"} <= set(options("data"))
+
+
+@pytest.mark.parametrize("preset,hardware,model,data", list(itertools.product(
+    options("preset"), options("hardware"), options("model"), options("data"))))
+def test_every_combination_composes_and_validates(preset, hardware, model, data):
+    cfg = compose_validated([f"preset={preset}", f"hardware={hardware}", f"model={model}", f"data={data}"])
+    assert cfg.run.preset == preset
+    assert cfg.hardware.name == hardware
+    assert cfg.model.family == model
+    assert cfg.data.domains, "every data entry names its domains"
+
+
+def test_defaults_are_the_seed_contract():
+    """With the seed's dense preset, every seed train.py argument has the seed's default."""
+    cfg = compose_validated(["preset=dense"])
+    assert (cfg.run.output_dir, cfg.run.seed, cfg.run.resume, cfg.hardware.device) == ("outputs", 42, None, "cpu")
+    assert (cfg.data.size_mb, cfg.data.block_size, cfg.data.balance_tokens) == (10.0, 512, True)
+    assert (cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps) == (2, 4, 5000)
+    assert (cfg.train.eval_every, cfg.checkpoint.save_every, cfg.checkpoint.keep_last_k) == (200, 500, 3)
+    assert (cfg.optim.learning_rate, cfg.optim.weight_decay, cfg.optim.warmup_fraction) == (5e-5, 0.01, 0.1)
+    assert (cfg.train.max_grad_norm, cfg.train.log_router_every) == (1.0, 100)
+    assert (cfg.tracking.wandb_project, cfg.tracking.wandb_entity) == ("moe-emergence", None)
+    assert cfg.run.name == "dense"
+
+
+def test_shakedown_preset_has_the_seed_values():
+    cfg = compose_validated(["preset=shakedown"])
+    seed_values = (cfg.train.max_steps, cfg.data.size_mb, cfg.train.eval_every, cfg.checkpoint.save_every)
+    assert seed_values == (100, 1.0, 50, 50)
+    assert cfg.data.balance_tokens is False
+
+
+def test_auto_device_is_accepted_and_hardware_group_sets_engine():
+    cfg = compose_validated(["hardware=a100_zero2", "hardware.device=auto"])
+    assert cfg.hardware.engine == "deepspeed" and cfg.hardware.precision == "bf16"
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["optim.learning_rate=-1"], "optim.learning_rate=-1.0"),
+    (["data.block_size=0"], "data.block_size=0"),
+    (["hardware.device=tpu"], "hardware.device='tpu'"),
+    (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100"),
+    (["data.block_size=2048"], "model.n_positions"),
+    (["+train.bogus=1"], "train.bogus"),
+])
+def test_validation_rejects_with_one_line(override, needle):
+    with pytest.raises(UserError) as err:
+        compose_validated(override)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["train.max_step=5"], ["train.max_step", "did you mean 'max_steps'"]),
+    (["train.batch_size=abc"], ["train.batch_size", "abc"]),
+    (["optim.learning_rate=-0.1"], ["optim.learning_rate=-0.1", "positive"]),
+    (["data.block_size=0"], ["data.block_size=0", ">= 8"]),
+    (["hardware.device=tpu"], ["hardware.device='tpu'", "auto, cpu, cuda, mps"]),
+    (["preset=nope"], ["preset=nope", "available:", "shakedown"]),
+    (["model.n_layr=3"], ["model.n_layr", "did you mean 'n_layer'"]),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
+    result = run_cli([f"run.output_dir={tmp_path}", *args], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not list(Path(tmp_path).rglob("*.pt")), "nothing may run before validation"
+
+
+def test_cfg_job_prints_the_composed_config_without_importing_torch(tmp_path):
+    result = run_cli(["--cfg", "job", "preset=dense", "model.n_layer=3"], cwd=tmp_path,
+                     launcher=[sys.executable, "-X", "importtime"])
+    assert result.returncode == 0, result.stderr
+    assert "n_layer: 3" in result.stdout and "preset: dense" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "transformers" not in imported

@@ -1,0 +1,59 @@
+"""The one entrypoint: `python trainer/run.py [group=option ...] [key=value ...]`.
+
+Hydra composes conf/ (model, data, hardware, preset) into one config; trainer.job validates and trains.
+User mistakes (unknown key, wrong type, impossible value, unknown preset) end with one line and exit
+code 2; `--cfg job` prints the composed config without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Runnable from a plain checkout as `python trainer/run.py` (sys.path[0] is trainer/, not the repo root).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Let exceptions reach cli() below instead of Hydra's own multi-line report; bugs still get a traceback.
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+import hydra
+
+from trainer.errors import explain
+from trainer.schema import register_schemas
+
+register_schemas()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from trainer.job import run_job
+    from trainer.schema import UserError
+
+    try:
+        run_job(cfg)
+    except UserError as err:
+        # A single run says it in one line. In a sweep the error propagates, so Hydra names the failed
+        # job and runs the others.
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cli() -> int:
+    try:
+        main()
+    except Exception as err:
+        message = explain(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

