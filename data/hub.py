@@ -1,0 +1,46 @@
+"""Hugging Face dataset domains (`data.source=hub`), streamed so only the first size_mb are fetched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from trainer.hub import require_hub
+from trainer.schema import DomainConfig, UserError
+
+
+def _load_stream(domain: str, dcfg: DomainConfig):
+    key = f"data.domains.{domain}.dataset"
+    # Checked before importing `datasets`, which would otherwise retry the network for a minute.
+    require_hub(key, dcfg.dataset, "train offline with data=embedded")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{key}={dcfg.dataset!r} needs the optional `datasets` package; "
+                        'pip install -e ".[hub]" (or train offline with data=embedded)') from None
+    try:
+        return datasets.load_dataset(dcfg.dataset, dcfg.config, split=dcfg.split, streaming=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{key}={dcfg.dataset!r} (config={dcfg.config!r}, split={dcfg.split!r}) could not be "
+                        f"opened: {first}") from None
+
+
+def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
+    """Rows in the dataset's own order, `text_fields` joined with newlines; empty rows skipped."""
+    fields = list(dcfg.text_fields)
+    if not fields:
+        raise UserError(f"data.domains.{domain}.text_fields is empty; name the column(s) holding the text")
+    for row in _load_stream(domain, dcfg):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise UserError(f"data.domains.{domain}.text_fields={fields} names {missing[0]!r}, which "
+                            f"{dcfg.dataset!r} rows lack; available columns: {', '.join(sorted(row))}")
+        text = "\n".join(str(row[f]) for f in fields if row[f] is not None and str(row[f]).strip())
+        if text.strip():
+            yield text
+
+
+def provenance(domain: str, dcfg: DomainConfig) -> dict:
+    return {"origin": f"Hugging Face dataset {dcfg.dataset}", "config": dcfg.config, "split": dcfg.split,
+            "text_fields": list(dcfg.text_fields),
+            "licence": "see the dataset card on huggingface.co (not checked by this trainer)"}

@@ -1,0 +1,93 @@
+"""Per-domain documents from the configured source, capped at `data.size_mb` of UTF-8 text each."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+
+from trainer.schema import DataConfig, UserError
+
+from . import embedded, hub, math_problems
+
+EMBEDDED_DOMAINS = ("code", "math", "prose")
+# Modules whose code decides the documents' text; their source is part of the cache key.
+_TEXT_MODULES = ("embedded.py", "math_problems.py", "hub.py", "sources.py")
+
+
+def take_until(docs: Iterable[str], max_bytes: int) -> list[str]:
+    """Distinct documents in order until `max_bytes`; the one that crosses the cap is cut at a line break.
+
+    Exact duplicates are skipped: a copy on each side of the train/eval split would leak eval text.
+    """
+    out, size, seen = [], 0, set()
+    for doc in docs:
+        data = doc.encode("utf-8", "surrogatepass")
+        fingerprint = hashlib.sha1(data).digest()
+        if fingerprint in seen:
+            continue
+        seen.add(fingerprint)
+        if size + len(data) <= max_bytes:
+            out.append(doc)
+            size += len(data)
+            continue
+        head = data[: max_bytes - size].decode("utf-8", "ignore")
+        head = head[: head.rfind("\n")] if "\n" in head else ""
+        if head.strip():
+            out.append(head)
+        break
+    return out
+
+
+def check_domains(cfg: DataConfig) -> list[str]:
+    names = sorted(cfg.domains)
+    if not names:
+        raise UserError("data.domains is empty; name at least one domain (for example code, math, prose)")
+    if cfg.source == "embedded":
+        for name in names:
+            if name not in EMBEDDED_DOMAINS:
+                raise UserError(f"data.domains.{name} is not an embedded domain; data.source=embedded offers "
+                                f"{', '.join(EMBEDDED_DOMAINS)} (or use data.source=hub with a dataset)")
+    elif cfg.source != "hub":
+        raise UserError(f"data.source={cfg.source!r} is not allowed; choose one of: embedded, hub")
+    return names
+
+
+def signature(cfg: DataConfig) -> list:
+    """Cheap stand-in for the documents' content, so a cached corpus is found without re-reading the text."""
+    here = os.path.dirname(__file__)
+    code = hashlib.sha256()
+    for module in _TEXT_MODULES:
+        with open(os.path.join(here, module), "rb") as f:
+            code.update(f.read())
+    sig: list = [cfg.source, cfg.size_mb, code.hexdigest()[:16]]
+    if cfg.source == "embedded":
+        if any(d in cfg.domains for d in ("code", "prose")):
+            sig.append(embedded.source_signature())
+    else:
+        # Hub datasets are keyed by name only: delete data.cache_dir to pick up upstream changes.
+        sig.append({n: [d.dataset, d.config, d.split, list(d.text_fields)] for n, d in sorted(cfg.domains.items())})
+    return sig
+
+
+def load_documents(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Return ({domain: documents}, {domain: provenance})."""
+    max_bytes = int(cfg.size_mb * 1_000_000)
+    docs: dict[str, list[str]] = {}
+    prov: dict[str, dict] = {}
+    for name in check_domains(cfg):
+        if cfg.source == "hub":
+            docs[name] = take_until(hub.hub_documents(name, cfg.domains[name]), max_bytes)
+            prov[name] = hub.provenance(name, cfg.domains[name])
+        elif name == "math":
+            docs[name] = take_until(math_problems.math_documents(max_bytes), max_bytes)
+            prov[name] = math_problems.provenance()
+        else:
+            source = (embedded.code_documents if name == "code" else embedded.prose_documents)(cfg.cache_dir)
+            docs[name] = take_until(source, max_bytes)
+            prov[name] = embedded.provenance(name)
+        prov[name]["documents"] = len(docs[name])
+        prov[name]["text_bytes"] = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs[name])
+        if prov[name]["text_bytes"] < 0.9 * max_bytes:
+            prov[name]["note"] = f"source exhausted below data.size_mb={cfg.size_mb}"
+    return docs, prov
