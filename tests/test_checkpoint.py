@@ -1,0 +1,285 @@
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainer import checkpoint as ckpt
+from trainer.rng import capture_rng_state, restore_rng_state, seed_everything
+from trainer.schema import UserError
+
+
+def _payload(step: int, **extra):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    payload = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": step,
+        "preset": "quickstart",
+        "mode": "dense",
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "scheduler_state_dict": scheduler.state_dict(),
+        "config": {"train": {"max_steps": 10}, "betas": (0.9, 0.999)},
+        "architecture": {"n_layer": 2, "n_embd": 8},
+        "data_state": {"position": torch.tensor([1, 2, 3]), "epoch": 0},
+        **capture_rng_state(),
+    }
+    payload.update(extra)
+    return payload
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    ckpt.atomic_write_bytes(tmp_path / "a.bin", b"first")
+    ckpt.atomic_write_bytes(tmp_path / "a.bin", b"second")
+    assert (tmp_path / "a.bin").read_bytes() == b"second"
+    assert _leftovers(tmp_path) == []
+
+
+def test_crash_before_rename_keeps_previous_version(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    ckpt.atomic_write_bytes(target, b"old")
+    fresh = tmp_path / "fresh.bin"
+
+    def crash(src, dst):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.atomic_write_bytes(target, b"new")
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.atomic_write_bytes(fresh, b"new")
+    assert target.read_bytes() == b"old"
+    assert not fresh.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_crash_inside_torch_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_full_checkpoint(tmp_path, 5, _payload(5))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_checkpoint_round_trip_restores_rng_streams(tmp_path):
+    seed_everything(123)
+    payload = _payload(7)
+    expected_python = [random.random() for _ in range(5)]
+    expected_numpy = np.random.rand(5)
+    expected_torch = torch.rand(5)
+
+    path = ckpt.save_full_checkpoint(tmp_path, 7, payload)
+    assert path.name == "ckpt-step-7.pt"
+    seed_everything(999)  # disturb every generator before restoring
+    loaded = ckpt.load_full_checkpoint(path, expected={"mode": "dense", "architecture": {"n_layer": 2, "n_embd": 8}})
+    restore_rng_state(loaded)
+
+    assert [random.random() for _ in range(5)] == expected_python
+    np.testing.assert_array_equal(np.random.rand(5), expected_numpy)
+    assert torch.equal(torch.rand(5), expected_torch)
+    assert loaded["config"]["train"]["max_steps"] == 10
+    assert torch.equal(loaded["data_state"]["position"], torch.tensor([1, 2, 3]))
+    for key, value in payload["model_state_dict"].items():
+        assert torch.equal(loaded["model_state_dict"][key], value)
+    # Raw torch.load with weights_only must accept the file on its own (no trainer code involved).
+    torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_save_refuses_incomplete_or_unloadable_payloads(tmp_path):
+    payload = _payload(1)
+    del payload["numpy_random_state"]
+    with pytest.raises(ValueError, match="numpy_random_state"):
+        ckpt.save_full_checkpoint(tmp_path, 1, payload)
+    with pytest.raises(ValueError, match=r"payload\['data_state'\]\['array'\].*weights_only"):
+        ckpt.save_full_checkpoint(tmp_path, 1, _payload(1, data_state={"array": np.zeros(3)}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_format_version_is_refused(tmp_path):
+    path = tmp_path / "ckpt-step-3.pt"
+    torch.save({**_payload(3), "format_version": 2}, path)
+    with pytest.raises(UserError, match="format_version=2 .*format_version=1") as info:
+        ckpt.load_full_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_foreign_files_are_refused(tmp_path):
+    with pytest.raises(UserError, match="does not exist.*run.resume=auto"):
+        ckpt.load_full_checkpoint(tmp_path / "ckpt-step-50.pt")
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(2)}, foreign)
+    with pytest.raises(UserError, match="not a checkpoint of this trainer"):
+        ckpt.load_full_checkpoint(foreign)
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("hello")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        ckpt.load_full_checkpoint(garbage)
+
+
+def test_mode_and_architecture_mismatch_is_refused(tmp_path):
+    path = ckpt.save_full_checkpoint(tmp_path, 50, _payload(50))
+    with pytest.raises(UserError, match="trained with mode=dense but this run is mode=moe"):
+        ckpt.load_full_checkpoint(path, expected={"mode": "moe"})
+    with pytest.raises(UserError, match="architecture.n_layer=2 but this run is architecture.n_layer=4"):
+        ckpt.load_full_checkpoint(path, expected={"architecture": {"n_layer": 4, "n_embd": 8}})
+    with pytest.raises(UserError, match="architecture.n_experts"):
+        ckpt.load_full_checkpoint(path, expected={"architecture": {"n_layer": 2, "n_embd": 8, "n_experts": 8}})
+
+
+def test_find_latest_skips_truncated_newest(tmp_path, caplog):
+    for step in (10, 20, 30):
+        ckpt.save_full_checkpoint(tmp_path, step, _payload(step))
+    newest = tmp_path / "ckpt-step-30.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (tmp_path / "ckpt-step-40.pt").write_bytes(b"")
+
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        latest = ckpt.find_latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "ckpt-step-20.pt"
+    assert "ckpt-step-30.pt" in caplog.text and "ckpt-step-40.pt" in caplog.text
+    assert ckpt.find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_list_sorts_numerically_and_prune_keeps_newest(tmp_path):
+    for step in (5, 100, 20, 1000):
+        ckpt.save_full_checkpoint(tmp_path, step, _payload(step))
+    state = nn.Linear(2, 2).state_dict()
+    meta = {"step": 5, "preset": "p", "mode": "dense", "config": {}, "metrics_summary": {}}
+    for stem in ("model-step-5", "best-model", "final-model"):
+        ckpt.save_model_snapshot(tmp_path, stem, state, meta)
+
+    assert [step for step, _ in ckpt.list_full_checkpoints(tmp_path)] == [5, 20, 100, 1000]
+    removed = ckpt.prune_full_checkpoints(tmp_path, keep_last_k=2)
+    assert sorted(p.name for p in removed) == ["ckpt-step-20.pt", "ckpt-step-5.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best-model.json", "best-model.safetensors", "ckpt-step-100.pt", "ckpt-step-1000.pt",
+        "final-model.json", "final-model.safetensors", "model-step-5.json", "model-step-5.safetensors",
+    ]
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 4)
+        self.block = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_snapshot_round_trip_with_tied_weights(tmp_path):
+    model = TiedLM()
+    state = model.state_dict()
+    metadata = {"step": 40, "preset": "quickstart", "mode": "dense", "config": {"lr": 1e-3},
+                "metrics_summary": {"eval/loss": torch.tensor(2.5)}, "architecture": {"n_embd": 4}}
+    weights = ckpt.save_model_snapshot(tmp_path, "model-step-40", state, metadata)
+
+    sidecar = json.loads((tmp_path / "model-step-40.json").read_text())
+    for key in ckpt.SIDECAR_REQUIRED_KEYS + ("architecture",):
+        assert key in sidecar
+    assert sidecar["tied_weights"] == {"lm_head.weight": "wte.weight"}
+    assert sidecar["metrics_summary"] == {"eval/loss": 2.5}
+
+    for handle in (weights, tmp_path / "model-step-40.json", tmp_path / "model-step-40"):
+        loaded, meta = ckpt.load_model_snapshot(handle)
+        assert set(loaded) == set(state)
+        for name, tensor in state.items():
+            assert torch.equal(loaded[name], tensor)
+        assert loaded["lm_head.weight"] is loaded["wte.weight"]
+        assert meta["step"] == 40 and meta["format_version"] == ckpt.FORMAT_VERSION
+
+    rebuilt = TiedLM()
+    rebuilt.load_state_dict(loaded)
+    assert rebuilt.lm_head.weight is rebuilt.wte.weight
+    assert torch.equal(rebuilt.wte.weight, model.wte.weight)
+
+
+def test_snapshot_copies_overlapping_views_apart(tmp_path):
+    fused = torch.arange(12.0).reshape(3, 4)
+    state = {"q": fused[0], "kv": fused[1:], "t": fused.t()}
+    meta = {"step": 1, "preset": "p", "mode": "dense", "config": {}, "metrics_summary": {}}
+    ckpt.save_model_snapshot(tmp_path, "views", state, meta)
+    loaded, _ = ckpt.load_model_snapshot(tmp_path / "views.safetensors")
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_missing_snapshot_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ckpt.load_model_snapshot(tmp_path / "best-model")
+
+
+def _two_group_adamw(model, decay_first: bool):
+    decay = [model.block.weight, model.wte.weight]
+    no_decay = [model.block.bias]
+    groups = [{"params": decay, "weight_decay": 0.1, "lr": 1e-2},
+              {"params": no_decay, "weight_decay": 0.0, "lr": 5e-3}]
+    if not decay_first:
+        groups = [groups[1], {**groups[0], "params": decay[::-1], "lr": 123.0}]  # lr must come from the checkpoint
+    return torch.optim.AdamW(groups)
+
+
+def _train_step(model, optimizer, seed):
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, 11, (2, 5))
+    logits = model.lm_head(model.block(model.wte(tokens)))
+    loss = nn.functional.cross_entropy(logits.view(-1, 11), tokens.view(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_optimizer_state_by_name_survives_regrouping(tmp_path):
+    torch.manual_seed(0)
+    original = TiedLM()
+    optimizer = _two_group_adamw(original, decay_first=True)
+    for seed in range(3):
+        _train_step(original, optimizer, seed)
+    named = ckpt.optimizer_state_to_named(optimizer, dict(original.named_parameters()))
+    assert set(named["state"]) == {"wte.weight", "block.weight", "block.bias"}
+
+    payload = _payload(3, optimizer_state_dict=named, model_state_dict=original.state_dict())
+    loaded = ckpt.load_full_checkpoint(ckpt.save_full_checkpoint(tmp_path, 3, payload))
+
+    resumed = TiedLM()
+    resumed.load_state_dict(loaded["model_state_dict"])
+    regrouped = _two_group_adamw(resumed, decay_first=False)
+    ckpt.optimizer_state_from_named(regrouped, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
+    assert regrouped.param_groups[1]["lr"] == 1e-2
+
+    _train_step(original, optimizer, seed=42)
+    _train_step(resumed, regrouped, seed=42)
+    for (name, expected), (_, actual) in zip(original.named_parameters(), resumed.named_parameters(), strict=False):
+        assert torch.equal(expected, actual), name
+
+    one_per_param = torch.optim.AdamW([{"params": [p]} for p in resumed.parameters()])
+    ckpt.optimizer_state_from_named(one_per_param, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
+    assert [g["weight_decay"] for g in one_per_param.param_groups] == [0.1, 0.1, 0.0]
+
+
+def test_optimizer_state_refuses_unknown_names_and_mixed_groups():
+    model = TiedLM()
+    optimizer = _two_group_adamw(model, decay_first=True)
+    _train_step(model, optimizer, 0)
+    named = ckpt.optimizer_state_to_named(optimizer, dict(model.named_parameters()))
+
+    renamed = {("encoder." + k if k == "block.bias" else k): v for k, v in model.named_parameters()}
+    with pytest.raises(UserError, match="'block.bias'"):
+        ckpt.optimizer_state_from_named(_two_group_adamw(model, True), named, renamed)
+
+    single_group = torch.optim.AdamW(model.parameters())
+    with pytest.raises(UserError, match="share an optimizer group.*lr=0.01 and 0.005"):
+        ckpt.optimizer_state_from_named(single_group, named, dict(model.named_parameters()))
