@@ -1,0 +1,120 @@
+"""Claim: the trainer's loop costs almost nothing over a bare PyTorch loop. Target: ratio >= 0.95.
+
+Both loops train the same model (same config, same init), on the same packed blocks, with the same
+AdamW parameter groups, micro-batch, accumulation, clipping and precision. Trials alternate
+(bare, trainer, bare, trainer, ...) so machine noise hits both alike; each trial's tokens/s is measured
+over its steady-state steps (the first `warmup` steps are excluded), and the medians are compared.
+
+    python benchmarks/trainer_overhead.py [--steps 30] [--trials 3]
+
+Last line: {"ratio": trainer_tokens_per_s / bare_tokens_per_s, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from data import build_data
+from models import build_model
+from trainer.engines.base import autocast_context
+from trainer.fit import train
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.rng import seed_everything
+from trainer.schema import register_schemas, validate
+
+
+def config(steps: int, run_dir: Path, extra: list[str]):
+    overrides = [
+        f"train.max_steps={steps}", f"train.eval_every={10**6}", f"checkpoint.save_every={10**6}",
+        "checkpoint.save_final=false", "tracking.wandb_mode=disabled", "data.max_eval_blocks=1",
+        f"run.output_dir={run_dir}", "run.name=bench", *extra,
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return validate(compose("config", overrides=overrides))
+
+
+def bare_tokens_per_s(cfg, warmup: int) -> float:
+    """The loop anyone would write by hand: no stream object, no logging, no callbacks, no progress bar."""
+    seed_everything(cfg.run.seed)
+    data = build_data(cfg.data, seed=cfg.run.seed)
+    model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    device = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    blocks = torch.from_numpy(data.train.input_ids.astype(np.int64))
+    b, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    tokens_per_step = b * cfg.data.block_size * accum
+    model.train()
+    start = None
+    for step in range(cfg.train.max_steps):
+        if step == warmup:
+            start = time.perf_counter()
+        for _ in range(accum):
+            x = blocks[rng.integers(0, len(blocks), size=b)]
+            with autocast_context(device, cfg.hardware.precision):
+                out = model(input_ids=x)
+            (out.loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(out.loss)  # the bare loop also reads its loss once per step
+    elapsed = time.perf_counter() - start
+    return tokens_per_step * (cfg.train.max_steps - warmup) / elapsed
+
+
+def trainer_tokens_per_s(cfg, run_dir: Path, warmup: int) -> float:
+    """The real trainer (engine, stream, tracker, callbacks, tqdm), timed from its own per-step log lines."""
+    train(cfg, run_dir)
+    times = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            times[row["step"]] = row["time"]
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
+    last = cfg.train.max_steps
+    return tokens_per_step * (last - warmup) / (times[last] - times[warmup])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.n_embd=256")
+    args = parser.parse_args()
+    register_schemas()
+    torch.set_num_threads(torch.get_num_threads())
+    bare, trainer = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in range(args.trials):
+            run_dir = Path(tmp) / f"trial{trial}"
+            cfg = config(args.steps, Path(tmp), [f"run.name=trial{trial}", *args.overrides])
+            bare.append(bare_tokens_per_s(cfg, args.warmup))
+            trainer.append(trainer_tokens_per_s(cfg, run_dir, args.warmup))
+            print(f"trial {trial}: bare {bare[-1]:.0f} tok/s, trainer {trainer[-1]:.0f} tok/s", flush=True)
+    result = {
+        "ratio": statistics.median(trainer) / statistics.median(bare),
+        "trainer_tokens_per_s": statistics.median(trainer),
+        "bare_tokens_per_s": statistics.median(bare),
+        "trials": args.trials, "steps": args.steps, "warmup_steps": args.warmup, "target": ">= 0.95",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

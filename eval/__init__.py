@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per domain (more analyses arrive with the model families)."""

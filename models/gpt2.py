@@ -1,0 +1,66 @@
+"""Dense GPT-2: transformers' GPT2LMHeadModel, pretrained (hub or local directory) or randomly initialised."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import GPT2Config as HFGPT2Config
+from transformers import GPT2LMHeadModel
+
+from models.output import ModelOutput, lm_output
+from trainer.hub import require_hub
+from trainer.schema import UserError
+
+
+def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
+    if model_cfg.pretrained:
+        source = model_cfg.pretrained
+        if not os.path.isdir(source):
+            require_hub("model.pretrained", source,
+                        "use a local directory saved with save_pretrained, or model.pretrained=null for random init")
+        hf = GPT2LMHeadModel.from_pretrained(source)
+        if hf.config.vocab_size != vocab_size:
+            raise UserError(f"model.pretrained={source!r} has a {hf.config.vocab_size}-token vocabulary but the "
+                            f"tokenizer has {vocab_size}; use data.tokenizer.name=gpt2 with pretrained GPT-2")
+        return hf
+    config = HFGPT2Config(
+        vocab_size=vocab_size, n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
+        n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, resid_pdrop=model_cfg.dropout,
+        embd_pdrop=model_cfg.dropout, attn_pdrop=model_cfg.dropout, bos_token_id=eos_id, eos_token_id=eos_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def gpt2_architecture(hf: GPT2LMHeadModel) -> dict:
+    c = hf.config
+    return {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
+            "n_positions": c.n_positions, "vocab_size": c.vocab_size}
+
+
+class DenseGPT2(nn.Module):
+    family = "dense"
+
+    def __init__(self, hf: GPT2LMHeadModel):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        # Packed blocks hold several documents; dense GPT-2 attends across them (masking comes with
+        # the attention backends of a later family). Labels equal inputs: GPT-2 shifts internally.
+        out = self.hf(input_ids=input_ids, labels=input_ids)
+        return lm_output(out.loss)
+
+    def architecture(self) -> dict:
+        return {"family": self.family, **gpt2_architecture(self.hf)}
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def callbacks(self, cfg) -> list:
+        return []
+
+
+def build(model_cfg, vocab_size: int, eos_id: int) -> DenseGPT2:
+    return DenseGPT2(load_gpt2(model_cfg, vocab_size, eos_id))

@@ -1,0 +1,160 @@
+"""The real entrypoint, end to end on CPU: artifacts, the checkpoint contract, exact resume, refusals, sweeps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import assert_ok, clean_env, tiny_run
+from trainer.checkpoint import REQUIRED_KEYS, SIDECAR_REQUIRED_KEYS
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in metrics(run_dir) if "train/loss" in row}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_dense_shakedown_end_to_end_writes_the_seed_contract(tmp_path, data_cache):
+    result = tiny_run(tmp_path, data_cache, "preset=shakedown", "train.max_steps=6", "train.eval_every=3",
+                      "checkpoint.save_every=2", "checkpoint.keep_last_k=2", name="shake")
+    assert_ok(result)
+    run_dir = tmp_path / "shake"
+    assert "run directory:" in result.stdout and str(run_dir / "final-model.safetensors") in result.stdout
+
+    # keep_last_k=2 of the checkpoints at 2, 4, 6; model snapshots are never pruned.
+    assert sorted(p.name for p in run_dir.glob("ckpt-step-*.pt")) == ["ckpt-step-4.pt", "ckpt-step-6.pt"]
+    for stem in ("model-step-2", "model-step-4", "model-step-6", "best-model", "final-model"):
+        assert (run_dir / f"{stem}.safetensors").is_file() and (run_dir / f"{stem}.json").is_file(), stem
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name], "no temporary files left behind"
+
+    ckpt = torch.load(run_dir / "ckpt-step-6.pt", map_location="cpu", weights_only=True)
+    assert set(REQUIRED_KEYS) <= set(ckpt)
+    assert (ckpt["format_version"], ckpt["step"], ckpt["preset"], ckpt["mode"]) == (1, 6, "shakedown", "dense")
+    assert ckpt["config"]["run"]["preset"] == "shakedown" and "data_state" in ckpt
+
+    sidecar = json.loads((run_dir / "model-step-4.json").read_text())
+    assert set(SIDECAR_REQUIRED_KEYS) <= set(sidecar)
+    assert sidecar["step"] == 4 and sidecar["mode"] == "dense" and sidecar["architecture"]["n_layer"] == 2
+
+    rows = metrics(run_dir)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6], "train loss every step"
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert {"eval/code/loss", "eval/math/loss", "eval/prose/loss", "eval/ppl"} <= set(evals[-1])
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 6
+    best = json.loads((run_dir / "best-model.json").read_text())
+    assert best["metrics_summary"]["eval/loss"] == pytest.approx(min(r["eval/loss"] for r in evals))
+    assert (run_dir / "resolved_config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_resume_from_step_n_equals_an_uninterrupted_run(tmp_path, data_cache):
+    common = ["train.max_steps=6", "train.eval_every=3", "checkpoint.save_every=3", "model.dropout=0.1"]
+    assert_ok(tiny_run(tmp_path, data_cache, *common, name="whole"))
+    whole = tmp_path / "whole"
+    assert_ok(tiny_run(tmp_path, data_cache, *common, f"run.resume={whole / 'ckpt-step-3.pt'}", name="resumed"))
+    resumed = tmp_path / "resumed"
+
+    original, continued = train_losses(whole), train_losses(resumed)
+    assert sorted(continued) == [4, 5, 6]
+    assert all(continued[s] == original[s] for s in (4, 5, 6)), (original, continued)
+    assert_same_weights(whole / "final-model.safetensors", resumed / "final-model.safetensors")
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-step-3.pt") and summary["final_step"] == 6
+
+
+def test_resume_auto_picks_the_newest_valid_checkpoint(tmp_path, data_cache):
+    args = ["train.max_steps=4", "train.eval_every=2", "checkpoint.save_every=2"]
+    assert_ok(tiny_run(tmp_path, data_cache, *args, name="auto"))
+    run_dir = tmp_path / "auto"
+    reference = tmp_path / "reference.safetensors"
+    shutil.copy(run_dir / "final-model.safetensors", reference)
+
+    # A crash while writing step 4: its checkpoint is torn (truncated), so auto must fall back to step 2.
+    newest = run_dir / "ckpt-step-4.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    (run_dir / "final-model.safetensors").unlink()
+
+    refused = tiny_run(tmp_path, data_cache, *args, name="auto")
+    assert refused.returncode == 2 and "run.resume=auto" in refused.stderr
+
+    result = tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="auto")
+    assert_ok(result)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("ckpt-step-2.pt")
+    assert_same_weights(reference, run_dir / "final-model.safetensors")
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4], "metrics.jsonl reads as one run"
+
+    fresh = tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="never-ran")
+    assert_ok(fresh)
+
+
+def test_resume_refuses_other_architecture_and_format(tmp_path, data_cache):
+    assert_ok(tiny_run(tmp_path, data_cache, "train.max_steps=2", "checkpoint.save_every=2", name="base"))
+    ckpt_path = tmp_path / "base" / "ckpt-step-2.pt"
+
+    wider = tiny_run(tmp_path, data_cache, "train.max_steps=4", "model.n_embd=64", f"run.resume={ckpt_path}",
+                     name="wider")
+    assert wider.returncode == 2
+    assert "n_embd" in wider.stderr and "Traceback" not in wider.stderr
+
+    future = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    future["format_version"] = 2
+    future_path = tmp_path / "ckpt-step-2-v2.pt"
+    torch.save(future, future_path)
+    newer = tiny_run(tmp_path, data_cache, "train.max_steps=4", f"run.resume={future_path}", name="v2")
+    assert newer.returncode == 2 and "format_version" in newer.stderr
+
+    missing = tiny_run(tmp_path, data_cache, f"run.resume={tmp_path / 'nope.pt'}", name="missing")
+    assert missing.returncode == 2 and "nope.pt" in missing.stderr
+
+
+def test_wandb_online_unreachable_falls_back_to_offline_and_trains(tmp_path, data_cache):
+    env = clean_env(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, WANDB_DIR=str(tmp_path))
+    result = tiny_run(tmp_path, data_cache, "train.max_steps=2", "tracking.wandb_mode=online",
+                      "tracking.online_timeout_s=10", name="wb", env=env)
+    assert_ok(result)
+    summary = json.loads((tmp_path / "wb" / "summary.json").read_text())
+    assert summary["wandb_mode"] == "offline" and summary["status"] == "completed"
+    assert summary["wall_time_s"] < 60
+
+
+def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tmp_path, data_cache):
+    result = tiny_run(tmp_path, data_cache, "--multirun", "preset=shakedown,quickstart", "train.max_steps=2",
+                      "train.eval_every=2", "checkpoint.save_every=2", name=None)
+    assert_ok(result)
+    summaries = sorted((tmp_path / "multirun").rglob("summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["preset"] for p in summaries} == {"shakedown", "quickstart"}
+    assert sorted(p.parent.name for p in summaries) == ["0_shakedown", "1_quickstart"]
+
+    mixed = tiny_run(tmp_path / "second", data_cache, "--multirun", "optim.learning_rate=-1,0.001",
+                     "train.max_steps=2", "checkpoint.save_every=2")
+    assert mixed.returncode != 0
+    assert "optim.learning_rate=-1" in mixed.stderr
+    survivors = list((tmp_path / "second" / "multirun").rglob("summary.json"))
+    assert len(survivors) == 1, "the valid job still ran"

@@ -1,0 +1,66 @@
+"""Things that run after each optimizer step: schedules (router noise, tau) and monitors that may stop a run.
+
+Model families contribute their own through `model.callbacks(cfg)`; the loop only knows this interface.
+A callback's state (if any) goes into every full checkpoint and comes back on resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class Callback:
+    name = "callback"
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Called after optimizer step `step` with that step's logged metrics; return a reason to stop early."""
+        return None
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops a run whose train or eval loss turned NaN/Inf, instead of burning the budget on garbage."""
+
+    name = "non_finite_guard"
+
+    def on_step_end(self, step, metrics):
+        loss = metrics.get("train/loss")
+        if loss is not None and not math.isfinite(loss):
+            return f"non-finite train loss ({loss}) at step {step}"
+        return None
+
+    def on_eval(self, step, metrics):
+        bad = [k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+        return f"non-finite {bad[0]} at step {step}" if bad else None
+
+
+class CallbackList:
+    def __init__(self, callbacks: list[Callback]):
+        names = [c.name for c in callbacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"callback names must be unique (their state is saved by name): {names}")
+        self.callbacks = callbacks
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
+        reasons = [r for c in self.callbacks if (r := c.on_step_end(step, metrics))]
+        return reasons[0] if reasons else None
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        reasons = [r for c in self.callbacks if (r := c.on_eval(step, metrics))]
+        return reasons[0] if reasons else None
+
+    def state_dict(self) -> dict:
+        return {c.name: c.state_dict() for c in self.callbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c in self.callbacks:
+            if c.name in state:
+                c.load_state_dict(state[c.name])

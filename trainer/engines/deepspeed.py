@@ -1,0 +1,137 @@
+"""DeepSpeed ZeRO (stage 2 by default) with the trainer's own AdamW and warmup-cosine schedule.
+
+DeepSpeed owns gradient accumulation, reduction, clipping and (in bf16) the master weights, so its config
+gets our micro-batch, accumulation and clip values and *no* optimizer or scheduler section: ours are
+handed to deepspeed.initialize and stay the single source of training behaviour. Resume state lives in
+DeepSpeed's own sharded format (`ckpt-step-<n>.deepspeed/`), next to the portable `ckpt-step-<n>.pt`
+(weights, RNG, data position) and the safetensors snapshots.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.engines.base import Engine
+
+NATIVE_TAG = "state"
+
+
+def native_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-step-{step}.deepspeed"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, hw):
+        # A plain `python trainer/run.py hardware=...` is a world of one; DeepSpeed still wants the env.
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        super().__init__(hw)
+        import deepspeed
+
+        backend = hw.dist_backend if hw.dist_backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+    def ds_config(self, train_cfg) -> dict:
+        ds = self.hw.deepspeed
+        return {
+            "train_micro_batch_size_per_gpu": train_cfg.batch_size,
+            "gradient_accumulation_steps": train_cfg.grad_accum_steps,
+            "gradient_clipping": train_cfg.max_grad_norm,
+            "bf16": {"enabled": self.hw.precision == "bf16"},
+            "zero_optimization": {
+                "stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
+                "contiguous_gradients": ds.contiguous_gradients,
+                "reduce_bucket_size": ds.reduce_bucket_size, "allgather_bucket_size": ds.allgather_bucket_size,
+            },
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model, optimizer, scheduler, train_cfg) -> None:
+        import deepspeed
+
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.max_grad_norm = train_cfg.max_grad_norm
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                config=self.ds_config(train_cfg))
+        self.forward_module = torch.compile(self.ds) if self.hw.compile else self.ds
+
+    def forward(self, batch):
+        # DeepSpeed casts the module to bf16 itself when enabled, so no autocast on top.
+        return self.forward_module(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+
+    def eval_forward(self, batch):
+        return self.model(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divided by grad_accum_steps; DeepSpeed must not divide again. step() after every
+        # micro-batch is DeepSpeed's protocol: it reduces, clips and updates only on the boundary.
+        self.ds.backward(loss, scale_wrt_gas=False)
+        self.ds.step()
+
+    def optimizer_step(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def training_state(self) -> dict:
+        # Sharded optimizer state stays in DeepSpeed's directory; the .pt points at it.
+        state = {k: v.detach().float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
+        return {"model_state_dict": state,
+                "optimizer_state_dict": {"deepspeed_checkpoint_tag": NATIVE_TAG},
+                "scheduler_state_dict": self.scheduler.state_dict()}
+
+    def save_native(self, run_dir, step: int) -> None:
+        final = native_dir(run_dir, step)
+        staging = final.with_name(final.name + ".tmp")
+        if self.is_main and staging.exists():
+            shutil.rmtree(staging)
+        self.barrier()
+        self.ds.save_checkpoint(str(staging), tag=NATIVE_TAG)
+        self.barrier()
+        if self.is_main:  # one rename: the directory appears complete or not at all
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        self.barrier()
+
+    def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
+        from trainer.schema import UserError
+
+        directory = native_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
+        if not directory.is_dir():
+            raise UserError(f"{checkpoint_path} was saved by DeepSpeed but {directory.name} is missing next to it; "
+                            "resume from another checkpoint or with the engine that wrote it")
+        self.ds.load_checkpoint(str(directory), tag=NATIVE_TAG, load_optimizer_states=True,
+                                load_lr_scheduler_states=True)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""build(cfg) -> components -> loop: the one place that wires hardware, data, model, optimizer and artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from data import BlockStream, build_data
+from models import build_model
+from trainer import checkpoint as ckpt
+from trainer.callbacks import CallbackList, NonFiniteLossGuard
+from trainer.engines import build_engine
+from trainer.loop import LoopState, TrainingLoop
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.rng import restore_rng_state, seed_everything
+from trainer.schema import Config, UserError
+from trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """Which checkpoint to continue from; refuses to silently start over on top of an existing run."""
+    wanted = cfg.run.resume
+    if wanted is None:
+        existing = ckpt.list_full_checkpoints(run_dir)
+        if existing:
+            raise UserError(f"{run_dir} already holds checkpoints (newest: step {existing[-1][0]}); "
+                            "continue it with run.resume=auto, or start a new run with run.name=<other name>")
+        return None
+    if wanted == "auto":
+        found = ckpt.find_latest_checkpoint(run_dir)
+        if found is None:
+            log.info("run.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+        return found
+    path = Path(wanted)
+    if not path.is_file():
+        raise UserError(f"run.resume={wanted!r} is not a file; give a ckpt-step-<n>.pt path or run.resume=auto")
+    return path
+
+
+def train(cfg: Config, run_dir: Path) -> dict:
+    started = time.time()
+    engine = build_engine(cfg.hardware)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_from = resume_path(cfg, run_dir)
+    config_dict = asdict(cfg)
+
+    seed_everything(cfg.run.seed)
+    # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
+    if not engine.is_main:
+        engine.barrier()
+    data = build_data(cfg.data, seed=cfg.run.seed)
+    if engine.is_main:
+        engine.barrier()
+
+    model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
+    model.to(engine.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine.setup(model, optimizer, scheduler, cfg.train)
+    stream = BlockStream(data.train, cfg.train.batch_size, seed=cfg.run.seed, rank=engine.rank,
+                         world_size=engine.world_size)
+    callbacks = CallbackList([NonFiniteLossGuard(), *model.callbacks(cfg)])
+
+    state = LoopState()
+    if start_from is not None:
+        checkpoint = ckpt.load_full_checkpoint(
+            start_from, expected={"mode": model.architecture()["family"], "architecture": model.architecture()})
+        saved_by = checkpoint.get("engine", "single")
+        if (saved_by == "deepspeed") != (engine.name == "deepspeed"):
+            raise UserError(f"{start_from} was written by the {saved_by} engine, whose optimizer state this "
+                            f"{engine.name} run cannot read; resume with the hardware it was trained on")
+        engine.load_training_state(checkpoint, start_from)
+        stream.load_state_dict(checkpoint["data_state"])
+        callbacks.load_state_dict(checkpoint["callback_state"])
+        state.load(int(checkpoint["step"]), checkpoint["loop_state"])
+        restore_rng_state(checkpoint)  # last: everything built above consumed random numbers
+        log.info("resumed from %s at step %d", start_from, state.step)
+
+    tracker = Tracker(run_dir, cfg.tracking, run_name=cfg.run.name, config=config_dict, enabled=engine.is_main,
+                      resume_step=state.step if start_from is not None else None)
+    if engine.is_main:
+        (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2, default=str))
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %.2fM parameters; engine %s on %s (%s), world size %d", model.architecture()["family"],
+                 n_params / 1e6, engine.name, engine.device, cfg.hardware.precision, engine.world_size)
+
+    loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, config_dict, state)
+    try:
+        state = loop.run()
+    finally:
+        tracker_mode = tracker.wandb_mode
+        summary = {
+            "run_name": cfg.run.name, "preset": cfg.run.preset, "mode": model.architecture()["family"],
+            "status": "stopped_early" if state.stop_reason else
+                      ("completed" if state.step >= cfg.train.max_steps else "interrupted"),
+            "stop_reason": state.stop_reason, "final_step": state.step, "max_steps": cfg.train.max_steps,
+            "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss,
+            "final_eval": state.last_eval, "resumed_from": str(start_from) if start_from else None,
+            "wall_time_s": time.time() - started, "wandb_mode": tracker_mode, "run_dir": str(run_dir),
+            "world_size": engine.world_size, "engine": engine.name,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        if engine.is_main:
+            tracker.write_summary(summary)
+        tracker.close()
+        engine.close()
+    return summary
+
+
+def describe_outputs(summary: dict) -> str:
+    run_dir = Path(summary["run_dir"])
+    lines = [f"run {summary['run_name']}: {summary['status']} at step {summary['final_step']}"
+             + (f" ({summary['stop_reason']})" if summary["stop_reason"] else "")]
+    if summary["final_eval"]:
+        lines.append(f"  eval loss {summary['final_eval'].get('eval/loss', float('nan')):.4f}"
+                     f" (best {summary['best_eval_loss']:.4f})")
+    lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / 'metrics.jsonl'}",
+              f"  summary:       {run_dir / 'summary.json'}"]
+    final = run_dir / "final-model.safetensors"
+    if final.exists():
+        lines.append(f"  final model:   {final}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""The step loop: accumulate, clip, step, log, eval, checkpoint. It knows engines and ModelOutput, no model family."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eval.perplexity import evaluate
+from trainer import checkpoint as ckpt
+from trainer.callbacks import CallbackList
+from trainer.rng import capture_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer updates done
+    tokens_seen: int = 0
+    best_eval_loss: float = math.inf
+    last_eval: dict[str, float] = field(default_factory=dict)
+    stop_reason: str | None = None
+
+    def to_checkpoint(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "best_eval_loss": self.best_eval_loss,
+                "last_eval": dict(self.last_eval)}
+
+    def load(self, step: int, saved: dict) -> None:
+        self.step = step
+        self.tokens_seen = int(saved["tokens_seen"])
+        self.best_eval_loss = float(saved["best_eval_loss"])
+        self.last_eval = dict(saved["last_eval"])
+
+
+class TrainingLoop:
+    def __init__(self, cfg, engine, stream, eval_sets, tracker, callbacks: CallbackList, run_dir: Path,
+                 config_dict: dict, state: LoopState | None = None):
+        self.cfg, self.engine, self.stream, self.eval_sets = cfg, engine, stream, eval_sets
+        self.tracker, self.callbacks, self.run_dir = tracker, callbacks, run_dir
+        self.config_dict = config_dict
+        self.state = state or LoopState()
+        self.tokens_per_step = (cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
+                                * engine.world_size)
+        self.last_saved_step = self.state.step
+
+    # -- one optimizer update ------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        engine, accum = self.engine, self.cfg.train.grad_accum_steps
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in self.stream.next_batch().items()}
+            with engine.micro_step(is_last=micro == accum - 1):
+                out = engine.forward(batch)
+                engine.backward(out.loss / accum)
+            parts = {"train/loss": out.loss, "train/lm_loss": out.lm_loss,
+                     **{f"train/aux/{k}": v for k, v in out.aux_losses.items()},
+                     **{f"router/{k}": v for k, v in out.routing.items()}}
+            for key, value in parts.items():
+                value = value.detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+        grad_norm = engine.optimizer_step()
+        # One reduction for all scalars: logged values are means over micro-batches and processes.
+        keys = [k for k in sums if sums[k].numel() == 1]
+        stacked = torch.stack([sums[k].reshape(()) for k in keys]) / (accum * engine.world_size)
+        stacked = engine.all_reduce_sum(stacked).cpu()
+        metrics = {k: float(v) for k, v in zip(keys, stacked, strict=False)}
+        for key in sums:  # per-expert vectors and the like: this process's view, logged element-wise
+            if key not in metrics:
+                for i, v in enumerate((sums[key] / accum).flatten().tolist()):
+                    metrics[f"{key}/{i}"] = v
+        metrics["train/grad_norm"] = grad_norm
+        return metrics
+
+    # -- the whole run -------------------------------------------------------------------------------
+    def run(self) -> LoopState:
+        cfg, state, engine = self.cfg, self.state, self.engine
+        if cfg.train.eval_at_start and state.step == 0:
+            self._eval()
+        engine.model.train()
+        bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not engine.is_main,
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < cfg.train.max_steps and state.stop_reason is None:
+            lr = engine.lr()
+            metrics = self.train_step()
+            state.step += 1
+            state.tokens_seen += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            elapsed = time.perf_counter() - window_start
+            metrics.update({"train/lr": lr, "train/tokens": float(state.tokens_seen),
+                            "train/tokens_per_sec": window_tokens / max(elapsed, 1e-9)})
+            router_due = state.step % cfg.train.log_router_every == 0
+            logged = {k: v for k, v in metrics.items() if router_due or not k.startswith("router/")}
+            if state.step % cfg.train.log_every == 0 or router_due:
+                self.tracker.log(logged, step=state.step)
+            state.stop_reason = self.callbacks.on_step_end(state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
+                            refresh=False)
+            if state.step % 20 == 0:  # tokens/s over a recent window, not since the start
+                window_tokens, window_start = 0, time.perf_counter()
+            final = state.step == cfg.train.max_steps or state.stop_reason is not None
+            if state.step % cfg.train.eval_every == 0 or final:
+                self._eval()
+            if state.step % cfg.checkpoint.save_every == 0 or (final and cfg.checkpoint.save_final):
+                self.save_checkpoint()
+        bar.close()
+        if cfg.checkpoint.save_final:
+            self._save_snapshot("final-model")
+        return state
+
+    def _eval(self) -> None:
+        metrics = evaluate(self.engine, self.eval_sets, self.cfg.train.batch_size)
+        self.state.last_eval = metrics
+        self.tracker.log(metrics, step=self.state.step)
+        if self.engine.is_main:
+            log.info("step %d eval %s", self.state.step,
+                     " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.endswith("loss")))
+        reason = self.callbacks.on_eval(self.state.step, metrics)
+        self.state.stop_reason = self.state.stop_reason or reason
+        loss = metrics.get("eval/loss", math.inf)
+        if loss < self.state.best_eval_loss:
+            self.state.best_eval_loss = loss
+            self._save_snapshot("best-model")
+
+    # -- artifacts -----------------------------------------------------------------------------------
+    def _sidecar(self) -> dict:
+        return {"format_version": ckpt.FORMAT_VERSION, "step": self.state.step, "preset": self.cfg.run.preset,
+                "mode": self.engine.model.architecture()["family"], "config": self.config_dict,
+                "architecture": self.engine.model.architecture(),
+                "metrics_summary": {**self.state.last_eval, "best_eval_loss": self.state.best_eval_loss,
+                                    "tokens_seen": self.state.tokens_seen}}
+
+    def _save_snapshot(self, stem: str) -> None:
+        if self.engine.is_main:
+            ckpt.save_model_snapshot(self.run_dir, stem, self.engine.model.state_dict(), self._sidecar())
+
+    def save_checkpoint(self) -> None:
+        step = self.state.step
+        if step == self.last_saved_step and (self.run_dir / f"ckpt-step-{step}.pt").exists():
+            return
+        training_state = self.engine.training_state()
+        self.engine.save_native(self.run_dir, step)
+        if self.engine.is_main:
+            payload = {
+                "format_version": ckpt.FORMAT_VERSION, "step": step, "preset": self.cfg.run.preset,
+                "mode": self.engine.model.architecture()["family"], "config": self.config_dict,
+                "architecture": self.engine.model.architecture(), **training_state, **capture_rng_state(),
+                "data_state": self.stream.state_dict(), "callback_state": self.callbacks.state_dict(),
+                "loop_state": self.state.to_checkpoint(), "engine": self.engine.name,
+            }
+            ckpt.save_full_checkpoint(self.run_dir, step, payload)
+            self._save_snapshot(f"model-step-{step}")
+            ckpt.prune_full_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last_k)
+        self.engine.barrier()
+        self.last_saved_step = step
