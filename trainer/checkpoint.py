@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -293,13 +294,15 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_full_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> list[Path]:
-    """Delete all but the newest `keep_last_k` ckpt-step-*.pt; snapshots and best/final models are kept."""
+    """Delete all but the newest `keep_last_k` ckpt-step-*.pt, each with the engine-native state beside it
+    (ckpt-step-N.deepspeed/); model snapshots and best/final models are kept."""
     if keep_last_k < 1:
         raise ValueError(f"keep_last_k must be >= 1, got {keep_last_k}")
     checkpoints = list_full_checkpoints(run_dir)
     doomed = [path for _, path in checkpoints[:-keep_last_k]]
     for path in doomed:
         path.unlink(missing_ok=True)
+        shutil.rmtree(path.with_suffix(".deepspeed"), ignore_errors=True)
     if doomed:
         _fsync_directory(Path(run_dir))
     return doomed
