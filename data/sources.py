@@ -64,6 +64,8 @@ def signature(cfg: DataConfig) -> list:
     if cfg.source == "embedded":
         if any(d in cfg.domains for d in ("code", "prose")):
             sig.append(embedded.source_signature())
+        if "prose" in cfg.domains:  # prose reaches into the dependencies' docstrings past the stdlib's
+            sig.append(embedded.dependency_signature())
     else:
         # Hub datasets are keyed by name only: delete data.cache_dir to pick up upstream changes.
         sig.append({n: [d.dataset, d.config, d.split, list(d.text_fields)] for n, d in sorted(cfg.domains.items())})
@@ -82,10 +84,13 @@ def load_documents(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, dic
         elif name == "math":
             docs[name] = take_until(math_problems.math_documents(max_bytes), max_bytes)
             prov[name] = math_problems.provenance()
-        else:
-            source = (embedded.code_documents if name == "code" else embedded.prose_documents)(cfg.cache_dir)
-            docs[name] = take_until(source, max_bytes)
+        elif name == "code":
+            docs[name] = take_until(embedded.code_documents(cfg.cache_dir), max_bytes)
             prov[name] = embedded.provenance(name)
+        else:
+            used: dict[str, int] = {}  # source -> documents yielded, for the provenance record
+            docs[name] = take_until(embedded.prose_documents(cfg.cache_dir, used), max_bytes)
+            prov[name] = embedded.provenance(name, used)
         prov[name]["documents"] = len(docs[name])
         prov[name]["text_bytes"] = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs[name])
         if prov[name]["text_bytes"] < 0.9 * max_bytes:

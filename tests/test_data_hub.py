@@ -15,10 +15,37 @@ from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
 
 @pytest.fixture
 def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read on every call: no cache to clear
+
+
+def test_offline_env_is_read_on_every_call_and_the_probe_is_cached(monkeypatch):
+    calls = []
+
+    def connect(address, timeout):
+        calls.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(trainer.hub.socket, "create_connection", connect)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    trainer.hub.hub_reachable.cache_clear()  # the answer is cached per process
-    yield
-    trainer.hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid:8443/mirror")
+    probe = trainer.hub._probe
+    probe.cache_clear()
+    try:
+        assert trainer.hub.hub_reachable() is False and calls == []  # the environment answers, no probe
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        assert trainer.hub.hub_reachable() is False and calls == [("hub.invalid", 443)]
+        assert trainer.hub.hub_reachable() is False and len(calls) == 1  # the probe's answer is cached per host
+        monkeypatch.setenv("HF_ENDPOINT", "https://other.invalid")
+        assert trainer.hub.hub_reachable() is False and calls[-1] == ("other.invalid", 443)
+        monkeypatch.setattr(trainer.hub, "_probe", lambda host, timeout_s: True)
+        assert trainer.hub.hub_reachable() is True
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")  # set later in the same process: still honoured
+        assert trainer.hub.hub_reachable() is False
+        with pytest.raises(UserError, match="data.x='y'"):
+            trainer.hub.require_hub("data.x", "y", "use data=embedded")
+    finally:
+        probe.cache_clear()
 
 
 def hub_cfg(tmp_path, tokenizer: str = "gpt2") -> DataConfig:

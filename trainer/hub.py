@@ -9,20 +9,34 @@ from functools import lru_cache
 from trainer.schema import UserError
 
 HUB_HOST = "huggingface.co"
+_FALSE = ("0", "", "false", "no", "off")
 
 
-@lru_cache(maxsize=1)
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
-        return False
+def _offline_by_env() -> bool:
+    return any(os.environ.get(name, "0").strip().lower() not in _FALSE
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_host() -> str:
     endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    return endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+
+
+@lru_cache(maxsize=8)
+def _probe(host: str, timeout_s: float) -> bool:
+    """One TCP connect per host and process: the network's answer is cached, the environment's is not."""
     try:
         with socket.create_connection((host, 443), timeout=timeout_s):
             return True
     except OSError:
         return False
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False at once when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say so (read on every call), else probe the host."""
+    if _offline_by_env():
+        return False
+    return _probe(_hub_host(), timeout_s)
 
 
 def require_hub(key: str, value: str, alternative: str) -> None:
