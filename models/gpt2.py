@@ -63,4 +63,6 @@ class DenseGPT2(nn.Module):
 
 
 def build(model_cfg, vocab_size: int, eos_id: int) -> DenseGPT2:
-    return DenseGPT2(load_gpt2(model_cfg, vocab_size, eos_id))
+    hf = load_gpt2(model_cfg, vocab_size, eos_id)
+    hf.loss_type = "ForCausalLM"  # named, or transformers warns on every run that it had to guess
+    return DenseGPT2(hf)

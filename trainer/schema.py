@@ -309,6 +309,3 @@ def _cross_checks(cfg: Config) -> None:
     if getattr(m, "pretrained", None) is None and hasattr(m, "n_positions") and cfg.data.block_size > m.n_positions:
         raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.n_positions={m.n_positions}; "
                         "lower data.block_size or raise model.n_positions")
-    if cfg.checkpoint.save_every > cfg.train.max_steps and cfg.checkpoint.save_final is False:
-        raise UserError("checkpoint.save_final=false with save_every > max_steps would save nothing; "
-                        "enable save_final or lower checkpoint.save_every")
