@@ -1,13 +1,16 @@
 """Claim: the trainer's loop costs almost nothing over a bare PyTorch loop. Target: ratio >= 0.95.
 
 Both loops train the same model (same config, same init), on the same packed blocks, with the same
-AdamW parameter groups, micro-batch, accumulation, clipping and precision. Trials alternate
-(bare, trainer, bare, trainer, ...) so machine noise hits both alike; each trial's tokens/s is measured
-over its steady-state steps (the first `warmup` steps are excluded), and the medians are compared.
+AdamW parameter groups, micro-batch, accumulation, clipping and precision. Each trial runs both loops
+back to back, alternating which goes first (drift within a session then hits both alike). A loop's
+throughput is tokens per step over its *median* steady-state step time (the first `warmup` steps are
+excluded): on a shared 2-core VM single steps swing by 30%+, and one slow step should not decide a
+trial. The reported ratio is the median over trials of each trial's trainer/bare ratio; the ratio of
+mean step times is reported beside it.
 
-    python benchmarks/trainer_overhead.py [--steps 30] [--trials 3]
+    python benchmarks/trainer_overhead.py [--steps 40] [--trials 5] [override ...]
 
-Last line: {"ratio": trainer_tokens_per_s / bare_tokens_per_s, ...}
+Last line: {"ratio": median over trials of trainer_tokens_per_s / bare_tokens_per_s, ...}
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def config(steps: int, run_dir: Path, extra: list[str]):
         return validate(compose("config", overrides=overrides))
 
 
-def bare_tokens_per_s(cfg, warmup: int) -> float:
+def bare_step_times(cfg, warmup: int) -> list[float]:
     """The loop anyone would write by hand: no stream object, no logging, no callbacks, no progress bar."""
     seed_everything(cfg.run.seed)
     data = build_data(cfg.data, seed=cfg.run.seed)
@@ -57,13 +60,11 @@ def bare_tokens_per_s(cfg, warmup: int) -> float:
     rng = np.random.default_rng(0)
     blocks = torch.from_numpy(data.train.input_ids.astype(np.int64))
     b, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
-    tokens_per_step = b * cfg.data.block_size * accum
     model.train()
-    start = None
-    for step in range(cfg.train.max_steps):
-        if step == warmup:
-            start = time.perf_counter()
-        for _ in range(accum):
+    durations = []
+    for _ in range(cfg.train.max_steps):
+        start = time.perf_counter()
+        for _micro in range(accum):
             x = blocks[rng.integers(0, len(blocks), size=b)]
             with autocast_context(device, cfg.hardware.precision):
                 out = model(input_ids=x)
@@ -72,45 +73,55 @@ def bare_tokens_per_s(cfg, warmup: int) -> float:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        float(out.loss)  # the bare loop also reads its loss once per step
-    elapsed = time.perf_counter() - start
-    return tokens_per_step * (cfg.train.max_steps - warmup) / elapsed
+        float(out.loss.detach())  # the bare loop also reads its loss once per step
+        durations.append(time.perf_counter() - start)
+    return durations[warmup:]
 
 
-def trainer_tokens_per_s(cfg, run_dir: Path, warmup: int) -> float:
-    """The real trainer (engine, stream, tracker, callbacks, tqdm), timed from its own per-step log lines."""
+def trainer_step_times(cfg, run_dir: Path, warmup: int) -> list[float]:
+    """The real trainer (engine, stream, tracker, callbacks, tqdm), timed from its own per-step log lines:
+    the gap between two steps' lines is everything the loop does for one step."""
     train(cfg, run_dir)
     times = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "train/loss" in row:
             times[row["step"]] = row["time"]
-    tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
-    last = cfg.train.max_steps
-    return tokens_per_step * (last - warmup) / (times[last] - times[warmup])
+    return [times[s] - times[s - 1] for s in range(warmup + 1, cfg.train.max_steps + 1)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.n_embd=256")
     args = parser.parse_args()
     register_schemas()
-    torch.set_num_threads(torch.get_num_threads())
-    bare, trainer = [], []
+    ratios, bare_tps, trainer_tps, mean_ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for trial in range(args.trials):
             run_dir = Path(tmp) / f"trial{trial}"
             cfg = config(args.steps, Path(tmp), [f"run.name=trial{trial}", *args.overrides])
-            bare.append(bare_tokens_per_s(cfg, args.warmup))
-            trainer.append(trainer_tokens_per_s(cfg, run_dir, args.warmup))
-            print(f"trial {trial}: bare {bare[-1]:.0f} tok/s, trainer {trainer[-1]:.0f} tok/s", flush=True)
+            tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
+            if trial % 2 == 0:
+                bare = bare_step_times(cfg, args.warmup)
+                ours = trainer_step_times(cfg, run_dir, args.warmup)
+            else:
+                ours = trainer_step_times(cfg, run_dir, args.warmup)
+                bare = bare_step_times(cfg, args.warmup)
+            bare_tps.append(tokens_per_step / statistics.median(bare))
+            trainer_tps.append(tokens_per_step / statistics.median(ours))
+            ratios.append(trainer_tps[-1] / bare_tps[-1])
+            mean_ratios.append(statistics.fmean(bare) / statistics.fmean(ours))
+            print(f"trial {trial}: bare {bare_tps[-1]:.0f} tok/s, trainer {trainer_tps[-1]:.0f} tok/s, "
+                  f"ratio {ratios[-1]:.3f} (of mean step times {mean_ratios[-1]:.3f})", flush=True)
     result = {
-        "ratio": statistics.median(trainer) / statistics.median(bare),
-        "trainer_tokens_per_s": statistics.median(trainer),
-        "bare_tokens_per_s": statistics.median(bare),
+        "ratio": statistics.median(ratios),
+        "ratio_of_mean_step_times": statistics.median(mean_ratios),
+        "trainer_tokens_per_s": statistics.median(trainer_tps),
+        "bare_tokens_per_s": statistics.median(bare_tps),
+        "trial_ratios": [round(r, 4) for r in ratios],
         "trials": args.trials, "steps": args.steps, "warmup_steps": args.warmup, "target": ">= 0.95",
     }
     print(json.dumps(result))
