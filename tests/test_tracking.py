@@ -174,3 +174,24 @@ def test_resume_reuses_wandb_run_id(tmp_path, wandb_sandbox):
     fresh.close()
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() != "abc123"
     assert list(tmp_path.glob("metrics.jsonl.replaced-*")) == []  # nothing had been logged yet
+
+
+def test_auto_mode_goes_online_only_for_users_who_set_wandb_up(monkeypatch, tmp_path):
+    from trainer.tracking import resolve_wandb_mode
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_wandb_mode("auto") == "offline"
+    assert resolve_wandb_mode("online") == "online" and resolve_wandb_mode("disabled") == "disabled"
+
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    assert resolve_wandb_mode("auto") == "online", "`wandb login` writes a netrc entry"
+    netrc_file.unlink()
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled", "an explicit WANDB_MODE wins in auto"

@@ -109,7 +109,8 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb_mode: str = "offline"  # online | offline | disabled
+    # auto: online (falling back to offline) when W&B credentials are configured, else offline
+    wandb_mode: str = "auto"  # auto | online | offline | disabled
     wandb_project: str = "moe-emergence"
     wandb_entity: Optional[str] = None
     online_timeout_s: float = 15.0  # online init past this falls back to offline
@@ -167,7 +168,7 @@ CHOICES = {
     "hardware.precision": ("fp32", "bf16"),
     "hardware.engine": ("auto", "single", "ddp", "deepspeed"),
     "hardware.dist_backend": ("auto", "nccl", "gloo"),
-    "tracking.wandb_mode": ("online", "offline", "disabled"),
+    "tracking.wandb_mode": ("auto", "online", "offline", "disabled"),
     "data.source": ("embedded", "hub"),
 }
 

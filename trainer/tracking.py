@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import secrets
 import socket
@@ -70,6 +71,30 @@ def _unreachable_reason(base_url: str, timeout_s: float) -> str | None:
     return outcome.get("error")
 
 
+def wandb_credentials_configured() -> bool:
+    """An API key in the environment or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(configured: str) -> str:
+    """"auto" is the seed's contract (try online first) for users who set W&B up, and offline for everyone
+    else, so a machine without W&B never waits on a network probe. WANDB_MODE, when set, wins in auto."""
+    if configured != "auto":
+        return configured
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if wandb_credentials_configured() else "offline"
+
+
 class Tracker:
     """Writes one JSON line per `log` call and mirrors it to W&B; `wandb_mode` says what W&B really did.
 
@@ -103,8 +128,9 @@ class Tracker:
         self._prepare_metrics_file(resume_step)
         # Line buffering plus an explicit flush per call: a crash loses at most the line being written.
         self._metrics_file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")
-        if cfg.wandb_mode != "disabled":
-            self._start_wandb(cfg, run_name, config, resuming=resume_step is not None)
+        mode = resolve_wandb_mode(cfg.wandb_mode)
+        if mode != "disabled":
+            self._start_wandb(cfg, mode, run_name, config, resuming=resume_step is not None)
 
     # ------------------------------------------------------------------ metrics.jsonl
 
@@ -215,7 +241,8 @@ class Tracker:
         atomic_write_bytes(id_path, f"{run_id}\n".encode())
         return run_id
 
-    def _start_wandb(self, cfg: TrackingConfig, run_name: str, config: dict[str, Any], resuming: bool) -> None:
+    def _start_wandb(self, cfg: TrackingConfig, mode: str, run_name: str, config: dict[str, Any],
+                     resuming: bool) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         # Importing wandb takes about a second; it counts against the online budget too.
         deadline = time.monotonic() + cfg.online_timeout_s
@@ -234,7 +261,7 @@ class Tracker:
             "resume": "allow",
             "dir": str(self.run_dir),
         }
-        if cfg.wandb_mode == "online":
+        if mode == "online":
             failure = self._init_online(wandb, common, deadline, cfg.online_timeout_s)
             if failure is None:
                 return
