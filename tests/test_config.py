@@ -74,6 +74,7 @@ def test_auto_device_is_accepted_and_hardware_group_sets_engine():
     (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100"),
     (["data.block_size=2048"], "model.n_positions"),
     (["+train.bogus=1"], "train.bogus"),
+    (["hardware=a100_zero2", "hardware.deepspeed.zero_stage=3"], "stage 3 is not supported"),
 ])
 def test_validation_rejects_with_one_line(override, needle):
     with pytest.raises(UserError) as err:

@@ -158,3 +158,12 @@ def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tm
     assert "optim.learning_rate=-1" in mixed.stderr
     survivors = list((tmp_path / "second" / "multirun").rglob("summary.json"))
     assert len(survivors) == 1, "the valid job still ran"
+
+
+def test_logging_cadences_and_eval_at_start(tmp_path, data_cache):
+    result = tiny_run(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2", "train.eval_every=4",
+                      "train.eval_at_start=true", "checkpoint.save_every=4", name="cadence")
+    assert_ok(result)
+    rows = metrics(tmp_path / "cadence")
+    assert sorted(train_losses(tmp_path / "cadence")) == [2, 4]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 4], "an eval before the first step, then at 4"

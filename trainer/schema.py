@@ -196,7 +196,9 @@ RULES = [
     ("checkpoint.save_every", lambda v: v >= 1, "an integer >= 1"),
     ("checkpoint.keep_last_k", lambda v: v >= 1, "an integer >= 1"),
     ("tracking.online_timeout_s", lambda v: v > 0, "a positive number of seconds"),
-    ("hardware.deepspeed.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    # Stage 3 partitions the parameters themselves; snapshots and eval read full weights on rank 0 and
+    # do not gather them yet, so it would write empty artifacts rather than fail.
+    ("hardware.deepspeed.zero_stage", lambda v: v in (0, 1, 2), "0, 1 or 2 (stage 3 is not supported yet)"),
     ("model.n_layer", lambda v: v >= 1, "an integer >= 1"),
     ("model.n_embd", lambda v: v >= 1, "an integer >= 1"),
     ("model.n_head", lambda v: v >= 1, "an integer >= 1"),

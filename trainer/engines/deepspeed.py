@@ -15,9 +15,8 @@ import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from trainer.engines.base import Engine
+from trainer.engines.distributed import DistributedEngine, backend_for
 
 NATIVE_TAG = "state"
 
@@ -32,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(DistributedEngine):
     name = "deepspeed"
 
     def __init__(self, hw):
@@ -44,10 +43,9 @@ class DeepSpeedEngine(Engine):
         super().__init__(hw)
         import deepspeed
 
-        backend = hw.dist_backend if hw.dist_backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend_for(hw, self.device), verbose=False)
 
     def ds_config(self, train_cfg) -> dict:
         ds = self.hw.deepspeed
@@ -94,13 +92,6 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def barrier(self) -> None:
-        dist.barrier()
-
     def training_state(self) -> dict:
         # Sharded optimizer state stays in DeepSpeed's directory; the .pt points at it.
         state = {k: v.detach().float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
@@ -131,7 +122,3 @@ class DeepSpeedEngine(Engine):
                             "resume from another checkpoint or with the engine that wrote it")
         self.ds.load_checkpoint(str(directory), tag=NATIVE_TAG, load_optimizer_states=True,
                                 load_lr_scheduler_states=True)
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
