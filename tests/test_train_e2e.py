@@ -167,3 +167,14 @@ def test_logging_cadences_and_eval_at_start(tmp_path, data_cache):
     rows = metrics(tmp_path / "cadence")
     assert sorted(train_losses(tmp_path / "cadence")) == [2, 4]
     assert [r["step"] for r in rows if "eval/loss" in r] == [0, 4], "an eval before the first step, then at 4"
+
+
+def test_torch_compile_trains_like_eager_and_saves_plain_names(tmp_path, data_cache):
+    args = ["train.max_steps=3", "train.eval_every=3", "checkpoint.save_every=3"]
+    assert_ok(tiny_run(tmp_path, data_cache, *args, name="eager"))
+    assert_ok(tiny_run(tmp_path, data_cache, *args, "hardware.compile=true", name="compiled"))
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    names = weights(tmp_path / "compiled" / "final-model.safetensors").keys()
+    assert names == weights(tmp_path / "eager" / "final-model.safetensors").keys()
+    assert not any("_orig_mod" in n for n in names), "checkpoints must not depend on how the model ran"
