@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import ROOT, run_cli
+from trainer.errors import explain
 from trainer.schema import UserError, register_schemas, validate
 
 CONF = ROOT / "conf"
@@ -26,20 +29,42 @@ def compose_validated(overrides: list[str]):
 
 
 def test_the_groups_the_design_promises_exist():
-    assert {"dense"} <= set(options("model"))
+    assert {"dense", "moe"} <= set(options("model"))
     assert {"cpu", "mps", "cuda", "a100_zero2"} <= set(options("hardware"))
-    assert {"quickstart", "shakedown", "dense"} <= set(options("preset"))
+    assert {"quickstart", "shakedown", "dense", "moe-main", "no-lb", "top2"} <= set(options("preset"))
     assert {"embedded", "mixed3"} <= set(options("data"))
+
+
+def pinned_family(preset: str) -> str | None:
+    """The model family a preset selects itself (`override /model: X`), if any."""
+    match = re.search(r"override /model:\s*(\S+)", (CONF / "preset" / f"{preset}.yaml").read_text())
+    return match.group(1) if match else None
 
 
 @pytest.mark.parametrize("preset,hardware,model,data", list(itertools.product(
     options("preset"), options("hardware"), options("model"), options("data"))))
 def test_every_combination_composes_and_validates(preset, hardware, model, data):
-    cfg = compose_validated([f"preset={preset}", f"hardware={hardware}", f"model={model}", f"data={data}"])
+    overrides = [f"preset={preset}", f"hardware={hardware}", f"model={model}", f"data={data}"]
+    pinned = pinned_family(preset)
+    sets_model_keys = "model" in yaml.safe_load((CONF / "preset" / f"{preset}.yaml").read_text())
+    if pinned is not None and pinned != model and sets_model_keys:
+        # A preset that sets family-specific keys cannot take another family: one clear line, no traceback.
+        with pytest.raises(Exception) as err:
+            compose_validated(overrides)
+        message = explain(err.value)
+        assert message is not None and f"conf/preset/{preset}.yaml sets 'model." in message
+        return
+    cfg = compose_validated(overrides)
     assert cfg.run.preset == preset
     assert cfg.hardware.name == hardware
     assert cfg.model.family == model
     assert cfg.data.domains, "every data entry names its domains"
+
+
+@pytest.mark.parametrize("preset", options("preset"))
+def test_every_preset_composes_with_its_own_model(preset):
+    cfg = compose_validated([f"preset={preset}"])
+    assert cfg.model.family == (pinned_family(preset) or "dense")
 
 
 def test_defaults_are_the_seed_contract():
@@ -91,9 +116,15 @@ def test_validation_rejects_with_one_line(override, needle):
     (["hardware.device=tpu"], ["hardware.device='tpu'", "auto, cpu, cuda, mps"]),
     (["preset=nope"], ["preset=nope", "available:", "shakedown"]),
     (["model.n_layr=3"], ["model.n_layr", "did you mean 'n_layer'"]),
+    (["preset=moe-main", "model=dense"], ["conf/preset/moe-main.yaml sets 'model.", "drop that override"]),
+    (["model.topk=2"], ["'model.topk' belongs to model family moe", "add model=moe"]),
+    (["--multirun", "preset=no-lb,top2", "model.collapse_check_every=50"], ["add model=moe"]),
+    (["model=moe", "model.moe_layers=[8,12]"], ["model.moe_layers=[8, 12] names block 12", "n_layer=12"]),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
-    result = run_cli([f"run.output_dir={tmp_path}", *args], cwd=tmp_path)
+    flags = [a for a in args if a.startswith("--")]
+    result = run_cli([*flags, f"run.output_dir={tmp_path}", *(a for a in args if not a.startswith("--"))],
+                     cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

@@ -6,11 +6,12 @@ Returns None for anything that is not a user mistake, so real bugs keep their tr
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from trainer.schema import UserError, allowed_keys_at, suggest
+from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, suggest
 
 
 def _group_of(err: MissingConfigException) -> str:
@@ -18,11 +19,25 @@ def _group_of(err: MissingConfigException) -> str:
     return match.group(1) if match else "?"
 
 
+def _family_of(schema: type | None) -> str | None:
+    return next((family for family, known in MODEL_SCHEMAS.items() if known is schema), None)
+
+
 def _omegaconf_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or "?"
     detail = str(err).splitlines()[0]
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         *parent, leaf = str(key).split(".")
+        if parent == ["model"]:
+            selected = _family_of(getattr(err, "object_type", None))
+            owners = [f for f, schema in MODEL_SCHEMAS.items() if leaf in {x.name for x in fields(schema)}]
+            if selected and owners:
+                # In --multirun, Hydra checks plain overrides against the default preset before applying
+                # a swept one, so a key of the swept presets' family needs that family named explicitly.
+                return (f"'{key}' belongs to model family {' / '.join(owners)}, not to the selected {selected}; "
+                        f"add model={owners[0]} (also in --multirun sweeps over presets of that family)")
+            if selected:
+                return f"unknown key '{key}': {suggest(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])])}"
         return f"unknown key '{key}': {suggest(leaf, allowed_keys_at(parent))}"
     return f"{key}: {detail}"
 
@@ -35,7 +50,14 @@ def explain(err: BaseException) -> str | None:
         wanted = str(err).split("Could not find '", 1)[-1].split("'", 1)[0].rsplit("/", 1)[-1]
         return f"{group}={wanted} is not a config in conf/{group}/; available: {', '.join(sorted(err.options))}"
     if isinstance(err, ConfigCompositionException):
-        cause = err.__cause__
+        cause = err.__cause__ or err.__context__  # Hydra chains some errors implicitly
+        source = re.match(r"In '([^']+)/([^'/]+)'", str(err))
+        if source and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            # A config file set a key the selected configs lack: typically a preset written for one model
+            # family combined with another family on the command line.
+            group, name = source.groups()
+            return (f"conf/{group}/{name}.yaml sets '{cause.full_key}', which the selected configs do not have; "
+                    f"if you chose another model= than {group}={name} selects, drop that override")
         if isinstance(cause, OmegaConfBaseException):
             return _omegaconf_line(cause)
         return str(err).splitlines()[0]

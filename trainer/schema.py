@@ -78,6 +78,25 @@ class GPT2Config(ModelConfig):
 
 
 @dataclass
+class MoEGPT2Config(GPT2Config):
+    """GPT-2 whose blocks in `moe_layers` get a routed Mixture-of-Experts FFN warm-started from their MLP."""
+
+    family: str = "moe"
+    moe_layers: list[int] = field(default_factory=lambda: [8, 9, 10, 11])
+    num_experts: int = 8
+    topk: int = 1
+    noise_std: float = 0.1  # router logit noise at step 0 (training only)
+    noise_anneal_fraction: float = 0.25  # noise falls linearly to 0 over this fraction of max_steps; 0 = constant
+    expert_perturbation: float = 0.01  # expert copies get N(0, (this * weight std)^2) so they can diverge
+    lb_coef: float = 0.01  # Switch load-balancing loss weight
+    z_coef: float = 0.001  # router z-loss weight
+    collapse_stop: bool = False  # stop the run when routing collapses (see collapse_*)
+    collapse_check_every: int = 100
+    collapse_threshold: float = 0.6  # an expert fraction above this in any MoE layer counts as collapsed
+    collapse_patience: int = 3  # consecutive collapsed checks before stopping
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 2  # micro-batch per process
     grad_accum_steps: int = 4
@@ -148,7 +167,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
-MODEL_SCHEMAS: dict[str, type] = {"dense": GPT2Config}
+MODEL_SCHEMAS: dict[str, type] = {"dense": GPT2Config, "moe": MoEGPT2Config}
 
 
 def register_schemas() -> None:
@@ -204,6 +223,15 @@ RULES = [
     ("model.n_head", lambda v: v >= 1, "an integer >= 1"),
     ("model.n_positions", lambda v: v >= 8, "an integer >= 8"),
     ("model.dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    ("model.num_experts", lambda v: v >= 2, "an integer >= 2"),
+    ("model.noise_std", lambda v: v >= 0, "a number >= 0 (0 disables router noise)"),
+    ("model.noise_anneal_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = no annealing)"),
+    ("model.expert_perturbation", lambda v: v >= 0, "a number >= 0"),
+    ("model.lb_coef", lambda v: v >= 0, "a number >= 0 (0 disables load balancing)"),
+    ("model.z_coef", lambda v: v >= 0, "a number >= 0"),
+    ("model.collapse_check_every", lambda v: v >= 1, "an integer >= 1"),
+    ("model.collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("model.collapse_patience", lambda v: v >= 1, "an integer >= 1"),
 ]
 
 
@@ -309,6 +337,24 @@ def _cross_checks(cfg: Config) -> None:
     if hasattr(m, "n_embd") and hasattr(m, "n_head") and m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
                         "pick sizes where n_embd % n_head == 0")
+    if hasattr(m, "moe_layers"):
+        check_moe_layout(m, m.n_layer if m.pretrained is None else None)
     if getattr(m, "pretrained", None) is None and hasattr(m, "n_positions") and cfg.data.block_size > m.n_positions:
         raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.n_positions={m.n_positions}; "
                         "lower data.block_size or raise model.n_positions")
+
+
+def check_moe_layout(m: MoEGPT2Config, n_layer: Optional[int]) -> None:
+    """Also called after loading a pretrained model, whose depth is only known then."""
+    if not 1 <= m.topk <= m.num_experts:
+        raise UserError(f"model.topk={m.topk} must be between 1 and model.num_experts={m.num_experts}")
+    if not m.moe_layers:
+        raise UserError("model.moe_layers is empty; name the blocks that get experts (for example [8, 9, 10, 11])")
+    if len(set(m.moe_layers)) != len(m.moe_layers):
+        raise UserError(f"model.moe_layers={list(m.moe_layers)} repeats a block; list each block once")
+    if n_layer is not None:
+        bad = [i for i in m.moe_layers if not 0 <= i < n_layer]
+        if bad:
+            raise UserError(f"model.moe_layers={list(m.moe_layers)} names block {bad[0]}, but the model has "
+                            f"n_layer={n_layer} blocks (0..{n_layer - 1}); pick blocks in that range "
+                            "or raise model.n_layer")
