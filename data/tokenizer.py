@@ -77,6 +77,39 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return f"TextTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer next to a run's snapshots, so they can be used without the data cache."""
+        os.makedirs(directory, exist_ok=True)
+        if self._backend is not None:
+            self._backend.save(os.path.join(directory, "tokenizer.json"))
+        else:
+            self._hf.save_pretrained(directory)
+        meta = {"name": self.name, "eos_id": self.eos_id, "fingerprint": self.fingerprint,
+                "kind": "tokenizers" if self._backend is not None else "transformers"}
+        with open(os.path.join(directory, SAVED_META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+
+SAVED_META = "trainer_tokenizer.json"
+
+
+def load_saved_tokenizer(directory: str | os.PathLike) -> TextTokenizer:
+    """The inverse of TextTokenizer.save; works offline."""
+    meta_path = os.path.join(directory, SAVED_META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{directory} holds no saved tokenizer ({SAVED_META} is missing); "
+                        "point at the tokenizer/ folder of a run directory")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta["kind"] == "tokenizers":
+        from tokenizers import Tokenizer
+
+        return TextTokenizer(meta["name"], backend=Tokenizer.from_file(os.path.join(directory, "tokenizer.json")),
+                             eos_id=meta["eos_id"])
+    from transformers import AutoTokenizer
+
+    return TextTokenizer(meta["name"], hf=AutoTokenizer.from_pretrained(str(directory)), eos_id=meta["eos_id"])
+
 
 def _byte_level(model: Any) -> Any:
     from tokenizers import Tokenizer, decoders, pre_tokenizers

@@ -10,7 +10,8 @@ import torch
 
 @torch.no_grad()
 def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
-    """Returns eval/<domain>/loss, eval/<domain>/ppl, and the aggregate eval/loss, eval/ppl."""
+    """Returns eval/<domain>/loss and /ppl, the aggregate eval/loss and eval/ppl, and, for routed models,
+    eval/<domain>/router/<statistic> (e.g. per-expert usage per domain), token-weighted."""
     model = engine.model
     was_training = model.training
     model.eval()
@@ -19,6 +20,7 @@ def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
     for domain, blocks in eval_sets.items():
         mine = np.arange(engine.rank, len(blocks), engine.world_size)
         sums = torch.zeros(2, dtype=torch.float64)
+        routing: dict[str, torch.Tensor] = {}
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             batch = {
@@ -28,13 +30,29 @@ def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
             out = engine.eval_forward(batch)
             predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
             sums += torch.tensor([float(out.lm_loss) * predicted, predicted], dtype=torch.float64)
-        sums = engine.all_reduce_sum(sums.to(engine.device)).cpu()
-        loss_sum, tokens = float(sums[0]), float(sums[1])
+            for key, value in out.routing.items():
+                weighted = value.detach().double().cpu().reshape(-1) * predicted
+                routing[key] = routing[key] + weighted if key in routing else weighted
+        # One reduction per domain. Routing statistics join it only when every process evaluated at
+        # least one batch (their shapes are only known after a forward).
+        keys = sorted(routing)
+        payload = torch.cat([sums, *(routing[k] for k in keys)]) if len(blocks) >= engine.world_size else sums
+        payload = engine.all_reduce_sum(payload.to(engine.device)).cpu()
+        loss_sum, tokens = float(payload[0]), float(payload[1])
         if tokens == 0:
             continue
         loss = loss_sum / tokens
         metrics[f"eval/{domain}/loss"] = loss
         metrics[f"eval/{domain}/ppl"] = math.exp(min(loss, 50.0))
+        offset = 2
+        for key in keys if len(payload) > 2 else []:
+            values = payload[offset:offset + routing[key].numel()] / tokens
+            offset += routing[key].numel()
+            if values.numel() == 1:
+                metrics[f"eval/{domain}/router/{key}"] = float(values[0])
+            else:
+                for i, v in enumerate(values.tolist()):
+                    metrics[f"eval/{domain}/router/{key}/{i}"] = v
         total_loss += loss_sum
         total_tokens += tokens
     if total_tokens:

@@ -55,6 +55,16 @@ class DenseGPT2(nn.Module):
     def architecture(self) -> dict:
         return {"family": self.family, **gpt2_architecture(self.hf)}
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """Sampled continuation (greedy when temperature is 0), through the routed FFNs where there are any."""
+        sample = temperature > 0
+        return self.hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=max_new_tokens, do_sample=sample,
+                                temperature=temperature if sample else None, top_k=top_k if sample else None,
+                                top_p=None, pad_token_id=eos_id, eos_token_id=eos_id)
+
     def no_weight_decay(self) -> set[str]:
         return set()
 

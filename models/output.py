@@ -12,11 +12,16 @@ class ModelOutput:
     loss: torch.Tensor  # what the loop backpropagates: lm_loss + sum(aux_losses.values())
     lm_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already multiplied by their coefficients
-    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # detached statistics for logging
+    # Detached scalars logged every step as train/<name> (e.g. the raw, unweighted auxiliary losses).
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Detached routing statistics (scalars or per-expert vectors), logged every train.log_router_every steps
+    # as router/<name> and averaged per domain at eval.
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def lm_output(lm_loss: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None = None,
+              metrics: dict[str, torch.Tensor] | None = None,
               routing: dict[str, torch.Tensor] | None = None) -> ModelOutput:
     aux = aux_losses or {}
     total = lm_loss + sum(aux.values()) if aux else lm_loss
-    return ModelOutput(loss=total, lm_loss=lm_loss, aux_losses=aux, routing=routing or {})
+    return ModelOutput(loss=total, lm_loss=lm_loss, aux_losses=aux, metrics=metrics or {}, routing=routing or {})

@@ -79,3 +79,14 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, data_cach
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].endswith("ckpt-step-2.pt")
     assert_close_weights(run_dir / "final-model.safetensors", single_reference / "final-model.safetensors",
                          atol=1e-4)
+
+
+def test_ddp_trains_the_moe_family_like_one_process(tmp_path, data_cache):
+    """Experts that get no tokens on a rank still take part in the reduction. Noise off and lb_coef 0:
+    the load-balancing loss is a product of per-rank statistics, so it is the one term DDP does not
+    average into the single-process value; everything else must match."""
+    moe = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4", "model.noise_std=0", "model.lb_coef=0"]
+    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, "train.batch_size=2", name="single"))
+    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, "train.batch_size=1", name="ddp", launcher=torchrun()))
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["engine"] == "ddp"
+    assert_close_weights(tmp_path / "ddp" / "final-model.safetensors", tmp_path / "single" / "final-model.safetensors")

@@ -12,12 +12,18 @@ import math
 class Callback:
     name = "callback"
 
+    def on_train_start(self, step: int) -> None:
+        """Before the first update of this process (step > 0 when resuming): re-apply step-derived state."""
+
     def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
         """Called after optimizer step `step` with that step's logged metrics; return a reason to stop early."""
         return None
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
         return None
+
+    def on_train_end(self, run_dir, last_eval: dict[str, float]) -> None:
+        """Once, on the main process, after the last step: artifacts such as figures."""
 
     def state_dict(self) -> dict:
         return {}
@@ -48,6 +54,14 @@ class CallbackList:
         if len(set(names)) != len(names):
             raise ValueError(f"callback names must be unique (their state is saved by name): {names}")
         self.callbacks = callbacks
+
+    def on_train_start(self, step: int) -> None:
+        for c in self.callbacks:
+            c.on_train_start(step)
+
+    def on_train_end(self, run_dir, last_eval: dict[str, float]) -> None:
+        for c in self.callbacks:
+            c.on_train_end(run_dir, last_eval)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
         reasons = [r for c in self.callbacks if (r := c.on_step_end(step, metrics))]

@@ -85,6 +85,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
                       resume_step=state.step if start_from is not None else None)
     if engine.is_main:
         (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2, default=str))
+        data.tokenizer.save(run_dir / "tokenizer")
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model %s: %.2fM parameters; engine %s on %s (%s), world size %d", model.architecture()["family"],
                  n_params / 1e6, engine.name, engine.device, cfg.hardware.precision, engine.world_size)

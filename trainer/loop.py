@@ -60,6 +60,7 @@ class TrainingLoop:
                 engine.backward(out.loss / accum)
             parts = {"train/loss": out.loss, "train/lm_loss": out.lm_loss,
                      **{f"train/aux/{k}": v for k, v in out.aux_losses.items()},
+                     **{f"train/{k}": v for k, v in out.metrics.items()},
                      **{f"router/{k}": v for k, v in out.routing.items()}}
             for key, value in parts.items():
                 value = value.detach().float()
@@ -83,6 +84,7 @@ class TrainingLoop:
         if cfg.train.eval_at_start and state.step == 0:
             self._eval()
         engine.model.train()
+        self.callbacks.on_train_start(state.step)
         bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not engine.is_main,
                    desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
         window_tokens, window_start = 0, time.perf_counter()
@@ -113,6 +115,8 @@ class TrainingLoop:
         bar.close()
         if cfg.checkpoint.save_final:
             self._save_snapshot("final-model")
+        if engine.is_main:
+            self.callbacks.on_train_end(self.run_dir, state.last_eval)
         return state
 
     def _eval(self) -> None:

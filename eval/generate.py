@@ -1,0 +1,62 @@
+"""Text from a model-only snapshot: rebuilds the model from the sidecar (family, sizes, MoE layout),
+loads the safetensors weights and the run's saved tokenizer, and samples a continuation.
+
+    python -m eval.generate outputs/moe-main/final-model.safetensors --prompt "def fibonacci(" --max-new-tokens 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import load_saved_tokenizer
+from models import build_model
+from trainer.checkpoint import load_model_snapshot
+from trainer.schema import MODEL_SCHEMAS, UserError
+
+
+def load_snapshot_model(snapshot: str | Path):
+    """(model in eval mode, tokenizer, sidecar metadata) from <stem>.safetensors + <stem>.json."""
+    state, meta = load_model_snapshot(snapshot)
+    model_cfg_raw = dict(meta["config"]["model"])
+    family = model_cfg_raw["family"]
+    if family not in MODEL_SCHEMAS:
+        raise UserError(f"{snapshot} was written by model family {family!r}, which this version does not know")
+    model_cfg = MODEL_SCHEMAS[family](**model_cfg_raw)
+    model_cfg.pretrained = None  # the snapshot holds every weight; no hub access needed
+    architecture = meta["architecture"]
+    for key in ("n_layer", "n_embd", "n_head", "n_positions"):
+        setattr(model_cfg, key, architecture[key])
+    tokenizer = load_saved_tokenizer(Path(snapshot).parent / "tokenizer")
+    model = build_model(model_cfg, vocab_size=architecture["vocab_size"], eos_id=tokenizer.eos_id)
+    model.load_state_dict(state)
+    return model.eval(), tokenizer, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("snapshot", help="a <stem>.safetensors written by a run (final-model, best-model, ...)")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer, meta = load_snapshot_model(args.snapshot)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, eos_id=tokenizer.eos_id)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

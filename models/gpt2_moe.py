@@ -1,0 +1,78 @@
+"""GPT-2 with routed Mixture-of-Experts FFNs in its last blocks (the MoE-emergence family).
+
+The dense GPT-2 is built first (pretrained or random init), then each block in `moe_layers` swaps its
+MLP for an MoEFeedForward whose experts start as copies of that MLP, so training starts from the
+dense model's function. Aux losses are averaged over MoE layers:
+total = lm + lb_coef * lb + z_coef * z.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.gpt2 import DenseGPT2, load_gpt2
+from models.moe import MoEFeedForward
+from models.moe_monitors import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
+from models.output import ModelOutput, lm_output
+from trainer.schema import check_moe_layout
+
+
+class MoEGPT2(DenseGPT2):
+    family = "moe"
+
+    def __init__(self, hf, model_cfg):
+        super().__init__(hf)
+        check_moe_layout(model_cfg, hf.config.n_layer)  # pretrained depth is only known now
+        self.moe_layers = list(model_cfg.moe_layers)
+        self.num_experts, self.topk = model_cfg.num_experts, model_cfg.topk
+        self.lb_coef, self.z_coef = model_cfg.lb_coef, model_cfg.z_coef
+        self.model_cfg = model_cfg
+        for i in self.moe_layers:
+            block = hf.transformer.h[i]
+            block.mlp = MoEFeedForward.from_gpt2_mlp(block.mlp, num_experts=self.num_experts, topk=self.topk,
+                                                     noise_std=model_cfg.noise_std,
+                                                     perturbation=model_cfg.expert_perturbation)
+
+    def moe_modules(self) -> list[MoEFeedForward]:
+        return [self.hf.transformer.h[i].mlp for i in self.moe_layers]
+
+    def set_router_noise(self, std: float) -> None:
+        for layer in self.moe_modules():
+            layer.router.noise_std = std
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        out = self.hf(input_ids=input_ids, labels=input_ids)
+        auxes = [layer.last_aux for layer in self.moe_modules()]
+        lb = torch.stack([a["lb_loss"] for a in auxes]).mean()
+        z = torch.stack([a["z_loss"] for a in auxes]).mean()
+        routing: dict[str, torch.Tensor] = {}
+        for i, aux in zip(self.moe_layers, auxes, strict=True):
+            routing[f"layer{i}/fraction"] = aux["fraction"]
+            routing[f"layer{i}/entropy"] = aux["entropy"]
+        routing["entropy_mean"] = torch.stack([a["entropy"] for a in auxes]).mean()
+        metrics = {"lb_loss": lb.detach(), "z_loss": z.detach(),
+                   "router_noise_std": torch.tensor(self.moe_modules()[0].router.noise_std)}
+        return lm_output(out.loss, aux_losses={"lb": self.lb_coef * lb, "z": self.z_coef * z},
+                         metrics=metrics, routing=routing)
+
+    def architecture(self) -> dict:
+        return {**super().architecture(), "family": self.family, "moe_layers": self.moe_layers,
+                "num_experts": self.num_experts, "topk": self.topk}
+
+    def no_weight_decay(self) -> set[str]:
+        # Stacked expert biases are 2-D ([experts, features]) but are still biases.
+        return {name for name, _ in self.named_parameters() if name.endswith((".b_fc", ".b_proj"))}
+
+    def callbacks(self, cfg) -> list:
+        m = self.model_cfg
+        found = [RouterNoiseSchedule(self, m.noise_std, m.noise_anneal_fraction, cfg.train.max_steps),
+                 ExpertUsageFigure(self.moe_layers, self.num_experts)]
+        if m.collapse_stop:
+            found.append(CollapseDetector(m.collapse_check_every, m.collapse_threshold, m.collapse_patience))
+        return found
+
+
+def build(model_cfg, vocab_size: int, eos_id: int) -> MoEGPT2:
+    hf = load_gpt2(model_cfg, vocab_size, eos_id)
+    hf.loss_type = "ForCausalLM"
+    return MoEGPT2(hf, model_cfg)

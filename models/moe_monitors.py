@@ -1,0 +1,91 @@
+"""The MoE family's callbacks: router-noise annealing, collapse detection, the expert-usage figure."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from trainer.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+FRACTION_KEY = re.compile(r"^router/layer(\d+)/fraction/(\d+)$")
+
+
+def router_noise(step: int, initial: float, anneal_fraction: float, max_steps: int) -> float:
+    """Noise for the update after `step` updates: linear from `initial` to 0 over anneal_fraction * max_steps."""
+    if anneal_fraction <= 0:
+        return initial
+    horizon = anneal_fraction * max_steps
+    return initial * max(0.0, 1.0 - step / horizon)
+
+
+class RouterNoiseSchedule(Callback):
+    """Advances on optimizer updates only. The noise is a pure function of the step, so a resumed run
+    re-applies exactly the value the uninterrupted run had (on_train_start)."""
+
+    name = "router_noise"
+
+    def __init__(self, model, initial: float, anneal_fraction: float, max_steps: int):
+        self.model, self.initial = model, initial
+        self.anneal_fraction, self.max_steps = anneal_fraction, max_steps
+
+    def _apply(self, step: int) -> None:
+        self.model.set_router_noise(router_noise(step, self.initial, self.anneal_fraction, self.max_steps))
+
+    def on_train_start(self, step):
+        self._apply(step)
+
+    def on_step_end(self, step, metrics):
+        self._apply(step)
+        return None
+
+
+class CollapseDetector(Callback):
+    """The seed's contract: every `check_every` updates, collapse = any expert's fraction of the step's
+    routing above `threshold` in any MoE layer; `patience` consecutive collapsed checks stop the run."""
+
+    name = "collapse_detector"
+
+    def __init__(self, check_every: int = 100, threshold: float = 0.6, patience: int = 3):
+        self.check_every, self.threshold, self.patience = check_every, threshold, patience
+        self.consecutive = 0
+
+    def on_step_end(self, step, metrics):
+        if step % self.check_every:
+            return None
+        worst = max(((v, k) for k, v in metrics.items() if FRACTION_KEY.match(k)), default=None)
+        if worst is None:
+            return None
+        value, key = worst
+        self.consecutive = self.consecutive + 1 if value > self.threshold else 0
+        if self.consecutive:
+            log.warning("step %d: %s=%.3f > %.2f (%d/%d consecutive checks)", step, key, value, self.threshold,
+                        self.consecutive, self.patience)
+        if self.consecutive >= self.patience:
+            layer, expert = FRACTION_KEY.match(key).groups()
+            return (f"routing collapse: expert {expert} of layer {layer} took {value:.0%} of tokens "
+                    f"(> {self.threshold:.0%}) at {self.patience} consecutive checks, ending at step {step}")
+        return None
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+
+
+class ExpertUsageFigure(Callback):
+    """At the end of training, draws expert usage per domain per layer from the last eval."""
+
+    name = "expert_usage_figure"
+
+    def __init__(self, moe_layers: list[int], num_experts: int):
+        self.moe_layers, self.num_experts = moe_layers, num_experts
+
+    def on_train_end(self, run_dir, last_eval):
+        from eval.expert_usage import plot_expert_usage
+
+        if last_eval:
+            plot_expert_usage(last_eval, Path(run_dir) / "figures" / "expert_usage.png")
