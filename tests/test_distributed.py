@@ -44,6 +44,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, data_cache, single_refere
     result = tiny_run(tmp_path, data_cache, *STEPS, "train.batch_size=1", name="ddp", launcher=torchrun())
     assert_ok(result)
     run_dir = tmp_path / "ddp"
+    assert result.stdout.count("run directory:") == 1, "one closing report, not one per process"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["engine"], summary["world_size"], summary["status"]) == ("ddp", 2, "completed")
     assert summary["tokens_seen"] == json.loads((single_reference / "summary.json").read_text())["tokens_seen"]

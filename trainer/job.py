@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -10,19 +10,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.schema import validate
 
-log = logging.getLogger(__name__)
-
 
 def run_job(cfg: DictConfig) -> dict:
     config = validate(cfg)  # before any torch import: user mistakes cost nothing
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    resolved = OmegaConf.to_yaml(OmegaConf.structured(config))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(resolved)
+    is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process writes and reports
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
 
     from trainer.fit import describe_outputs, train
 
     summary = train(config, run_dir)
-    if summary["world_size"] == 1 or summary.get("rank", 0) == 0:
+    if is_main:
         print(describe_outputs(summary), flush=True)
     return summary
