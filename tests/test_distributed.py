@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import assert_ok, free_port, tiny_run
+from tests.test_train_e2e import assert_same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -91,3 +92,28 @@ def test_ddp_trains_the_moe_family_like_one_process(tmp_path, data_cache):
     assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, "train.batch_size=1", name="ddp", launcher=torchrun()))
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["engine"] == "ddp"
     assert_close_weights(tmp_path / "ddp" / "final-model.safetensors", tmp_path / "single" / "final-model.safetensors")
+
+
+def test_ddp_with_dropout_resumes_bit_identically(tmp_path, data_cache):
+    """Each process draws its own dropout masks and its own RNG state is checkpointed and restored."""
+    args = [*STEPS, "model.dropout=0.2", "train.batch_size=1"]
+    assert_ok(tiny_run(tmp_path, data_cache, *args, name="whole", launcher=torchrun()))
+    whole = tmp_path / "whole"
+    ckpt = torch.load(whole / "ckpt-step-2.pt", map_location="cpu", weights_only=True)
+    by_rank = ckpt["rng_states_by_rank"]
+    assert len(by_rank) == 2 and not torch.equal(by_rank[0]["torch_rng_state"], by_rank[1]["torch_rng_state"])
+    assert_ok(tiny_run(tmp_path, data_cache, *args, f"run.resume={whole / 'ckpt-step-2.pt'}", name="resumed",
+                       launcher=torchrun()))
+    assert_same_weights(tmp_path / "resumed" / "final-model.safetensors", whole / "final-model.safetensors")
+
+
+def test_deepspeed_trains_the_moe_family(tmp_path, data_cache):
+    moe = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4"]
+    ds = ["hardware=a100_zero2", "hardware.device=cpu", "hardware.precision=fp32", "train.batch_size=1"]
+    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, *ds, name="zero2moe", launcher=torchrun()))
+    run_dir = tmp_path / "zero2moe"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["engine"], summary["mode"], summary["status"]) == ("deepspeed", "moe", "completed")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/lb_loss" in r for r in rows if "train/loss" in r)
+    assert (run_dir / "figures" / "expert_usage.png").is_file()

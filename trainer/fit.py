@@ -42,6 +42,18 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def rng_state_for(checkpoint: dict, engine) -> dict:
+    """This process's RNG state from a checkpoint; rank 0's when the world size changed."""
+    by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
+    if len(by_rank) == engine.world_size:
+        return by_rank[engine.rank]
+    if engine.is_main:
+        log.warning("checkpoint was written by %d processes, this run has %d: every process continues from "
+                    "rank 0's random state, so dropout draws differ from the original run", len(by_rank),
+                    engine.world_size)
+    return by_rank[0]
+
+
 def train(cfg: Config, run_dir: Path) -> dict:
     started = time.time()
     engine = build_engine(cfg.hardware)
@@ -59,6 +71,10 @@ def train(cfg: Config, run_dir: Path) -> dict:
 
     model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
     model.to(engine.device)
+    if engine.rank > 0:
+        # Same initial weights on every process (above), but from here on each draws its own dropout
+        # masks: identical masks on every rank would make the ranks' noise one noise.
+        seed_everything(cfg.run.seed + engine.rank)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine.setup(model, optimizer, scheduler, cfg.train)
@@ -78,7 +94,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         stream.load_state_dict(checkpoint["data_state"])
         callbacks.load_state_dict(checkpoint["callback_state"])
         state.load(int(checkpoint["step"]), checkpoint["loop_state"])
-        restore_rng_state(checkpoint)  # last: everything built above consumed random numbers
+        restore_rng_state(rng_state_for(checkpoint, engine))  # last: building consumed random numbers
         log.info("resumed from %s at step %d", start_from, state.step)
 
     tracker = Tracker(run_dir, cfg.tracking, run_name=cfg.run.name, config=config_dict, enabled=engine.is_main,

@@ -151,11 +151,14 @@ class TrainingLoop:
             return
         training_state = self.engine.training_state()
         self.engine.save_native(self.run_dir, step)
+        # Every process draws its own dropout masks, so every process's RNG goes into the checkpoint.
+        rng_by_rank = self.engine.gather_object(capture_rng_state())
         if self.engine.is_main:
             payload = {
                 "format_version": ckpt.FORMAT_VERSION, "step": step, "preset": self.cfg.run.preset,
                 "mode": self.engine.model.architecture()["family"], "config": self.config_dict,
-                "architecture": self.engine.model.architecture(), **training_state, **capture_rng_state(),
+                "architecture": self.engine.model.architecture(), **training_state, **rng_by_rank[0],
+                "rng_states_by_rank": rng_by_rank,
                 "data_state": self.stream.state_dict(), "callback_state": self.callbacks.state_dict(),
                 "loop_state": self.state.to_checkpoint(), "engine": self.engine.name,
             }

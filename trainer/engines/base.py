@@ -99,6 +99,10 @@ class Engine:
     def barrier(self) -> None:
         pass
 
+    def gather_object(self, obj) -> list:
+        """The same Python object from every process, in rank order (here: just this one)."""
+        return [obj]
+
     def training_state(self) -> dict:
         """Model, optimizer (by parameter name) and scheduler state for a full checkpoint."""
         from trainer.checkpoint import optimizer_state_to_named

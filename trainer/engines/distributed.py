@@ -20,6 +20,11 @@ class DistributedEngine(Engine):
     def barrier(self) -> None:
         dist.barrier()
 
+    def gather_object(self, obj) -> list:
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
