@@ -13,7 +13,7 @@ import importlib
 
 from models.output import ModelOutput, lm_output
 
-FAMILIES = {"dense": "models.gpt2", "moe": "models.gpt2_moe"}
+FAMILIES = {"dense": "models.gpt2", "moe": "models.gpt2_moe", "polyglu": "models.polyglu_lm"}
 
 
 def build_model(model_cfg, vocab_size: int, eos_id: int):

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = str(ROOT / "trainer" / "run.py")
 
 # Tiny everything, real code paths: a 2-layer GPT-2 on ~50 KB per domain, 64-token blocks.
+TINY_GPT2 = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=64"]
 TINY = [
-    "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=64",
     "data.size_mb=0.05", "data.block_size=64", "data.tokenizer.vocab_size=512", "data.max_eval_blocks=4",
     "train.batch_size=2", "train.grad_accum_steps=2", "tracking.wandb_mode=disabled",
 ]
@@ -46,11 +46,13 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, launc
                           timeout=timeout)
 
 
-def tiny_run(tmp_path: Path, data_cache: Path, *overrides: str, name: str | None = "run", **kwargs):
-    """Run trainer/run.py tiny; name=None keeps the default run name (the preset's)."""
+def tiny_run(tmp_path: Path, data_cache: Path, *overrides: str, name: str | None = "run",
+             model_sizes: list[str] = TINY_GPT2, **kwargs):
+    """Run trainer/run.py tiny; name=None keeps the default run name (the preset's). model_sizes: the
+    tiny sizes of the family under test (GPT-2's by default; later overrides win)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     flags = [o for o in overrides if o.startswith("--")]  # argparse wants --multirun before the overrides
-    args = [*flags, *TINY, f"data.cache_dir={data_cache}", f"run.output_dir={tmp_path}",
+    args = [*flags, *model_sizes, *TINY, f"data.cache_dir={data_cache}", f"run.output_dir={tmp_path}",
             *([f"run.name={name}"] if name else []), *(o for o in overrides if not o.startswith("--"))]
     return run_cli(args, cwd=tmp_path, **kwargs)
 

@@ -29,9 +29,10 @@ def compose_validated(overrides: list[str]):
 
 
 def test_the_groups_the_design_promises_exist():
-    assert {"dense", "moe"} <= set(options("model"))
+    assert {"dense", "moe", "polyglu"} <= set(options("model"))
     assert {"cpu", "mps", "cuda", "a100_zero2"} <= set(options("hardware"))
-    assert {"quickstart", "shakedown", "dense", "moe-main", "no-lb", "top2"} <= set(options("preset"))
+    assert {"quickstart", "shakedown", "dense", "moe-main", "no-lb", "top2", "polyglu-shakedown",
+            "polyglu-pretrain"} <= set(options("preset"))
     assert {"embedded", "mixed3"} <= set(options("data"))
 
 

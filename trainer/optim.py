@@ -41,9 +41,9 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float,
-                 min_ratio: float = 0.0):
+                 min_ratio: float = 0.0, warmup_steps: int | None = None):
         self.total_steps = total_steps
-        self.warmup_steps = int(warmup_fraction * total_steps)
+        self.warmup_steps = warmup_steps if warmup_steps is not None else int(warmup_fraction * total_steps)
         self.min_ratio = min_ratio
         super().__init__(optimizer, self._multiplier)
 
@@ -60,4 +60,4 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> WarmupCosine:
     return WarmupCosine(optimizer, total_steps=max_steps, warmup_fraction=optim_cfg.warmup_fraction,
-                        min_ratio=optim_cfg.min_lr_ratio)
+                        min_ratio=optim_cfg.min_lr_ratio, warmup_steps=optim_cfg.warmup_steps)

@@ -97,6 +97,34 @@ class MoEGPT2Config(GPT2Config):
 
 
 @dataclass
+class PolyGLUConfig(ModelConfig):
+    """PolychromaticLM: GQA + RoPE + RMSNorm/QK-norm transformer whose FFN is PolyGLU (per-neuron
+    Gumbel-softmax mixture of ReLU/Tanh/SiLU/GELU). Defaults: a CPU-sized model; the paper's 597M
+    configuration is the polyglu-pretrain preset."""
+
+    family: str = "polyglu"
+    d_model: int = 128
+    d_ff: int = 512
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    # mean: the paper's whole-sequence mean (future tokens steer earlier tokens' routing; for reproduction)
+    # causal: prefix mean, so a token's routing depends only on itself and earlier tokens of its document
+    routing_pool: str = "mean"
+    tau_start: float = 1.0  # Gumbel-softmax temperature, annealed linearly over max_steps
+    tau_end: float = 0.1
+    tau_frozen: Optional[float] = None  # a fixed tau (SFT freezes it at 0.1); null = anneal
+    entropy_reg: float = 0.0  # lambda of the optional regulariser: loss - lambda * mean routing entropy
+    entropy_warning: float = 0.3  # warn when mean dynamic routing entropy at eval falls below this (nats)
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 4096  # cross-entropy in chunks: [tokens x vocab] fp32 logits never exist at once
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 2  # micro-batch per process
     grad_accum_steps: int = 4
@@ -113,6 +141,7 @@ class OptimConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
+    warmup_steps: Optional[int] = None  # when set, overrides warmup_fraction (the PolyGLU paper: 2000)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
     beta1: float = 0.9
     beta2: float = 0.999
@@ -167,7 +196,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
-MODEL_SCHEMAS: dict[str, type] = {"dense": GPT2Config, "moe": MoEGPT2Config}
+MODEL_SCHEMAS: dict[str, type] = {"dense": GPT2Config, "moe": MoEGPT2Config, "polyglu": PolyGLUConfig}
 
 
 def register_schemas() -> None:
@@ -232,6 +261,19 @@ RULES = [
     ("model.collapse_check_every", lambda v: v >= 1, "an integer >= 1"),
     ("model.collapse_threshold", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     ("model.collapse_patience", lambda v: v >= 1, "an integer >= 1"),
+    ("model.d_model", lambda v: v >= 1, "an integer >= 1"),
+    ("model.d_ff", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_layers", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_heads", lambda v: v >= 1, "an integer >= 1"),
+    ("model.n_kv_heads", lambda v: v >= 1, "an integer >= 1"),
+    ("model.head_dim", lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2 (RoPE rotates pairs)"),
+    ("model.max_seq_len", lambda v: v >= 8, "an integer >= 8"),
+    ("model.routing_pool", lambda v: v in ("mean", "causal"), "mean (the paper's) or causal"),
+    ("model.tau_start", lambda v: v > 0, "a positive temperature"),
+    ("model.tau_end", lambda v: v > 0, "a positive temperature"),
+    ("model.entropy_reg", lambda v: v >= 0, "a number >= 0"),
+    ("model.loss_chunk_tokens", lambda v: v >= 1, "an integer >= 1"),
+    ("optim.warmup_steps", lambda v: v is None or v >= 0, "null or an integer >= 0"),
 ]
 
 
@@ -339,6 +381,14 @@ def _cross_checks(cfg: Config) -> None:
                         "pick sizes where n_embd % n_head == 0")
     if hasattr(m, "moe_layers"):
         check_moe_layout(m, m.n_layer if m.pretrained is None else None)
+    if hasattr(m, "n_kv_heads") and m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}; "
+                        "grouped-query attention shares each KV head among n_heads / n_kv_heads query heads")
+    if getattr(m, "tau_frozen", None) is not None and m.tau_frozen <= 0:
+        raise UserError(f"model.tau_frozen={m.tau_frozen} must be a positive temperature (or null to anneal)")
+    if hasattr(m, "max_seq_len") and cfg.data.block_size > m.max_seq_len:
+        raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.max_seq_len={m.max_seq_len}; "
+                        "lower data.block_size or raise model.max_seq_len")
     if getattr(m, "pretrained", None) is None and hasattr(m, "n_positions") and cfg.data.block_size > m.n_positions:
         raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.n_positions={m.n_positions}; "
                         "lower data.block_size or raise model.n_positions")

@@ -1,0 +1,102 @@
+"""PolychromaticLM (the PolyGLU family): the transformer backbone with a PolyGLU FFN in every block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.output import ModelOutput, lm_output
+from models.polyglu.ffn import PolyGLU
+from models.polyglu.transformer import PolychromaticTransformer, TransformerShape
+from models.polyglu_monitors import RoutingEntropyWarning, TauSchedule
+
+
+def transformer_shape(cfg, vocab_size: int) -> TransformerShape:
+    return TransformerShape(
+        vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff, max_seq_len=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_tokens=cfg.loss_chunk_tokens,
+    )
+
+
+def ffn_factory(cfg):
+    return lambda d_model, d_ff: PolyGLU(d_model, d_ff, routing_pool=cfg.routing_pool)
+
+
+class PolyGLULM(nn.Module):
+    family = "polyglu"
+
+    def __init__(self, cfg, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.net = PolychromaticTransformer(transformer_shape(cfg, vocab_size), ffn_factory(cfg))
+        self.vocab_size = vocab_size
+        self.set_tau(cfg.tau_frozen if cfg.tau_frozen is not None else cfg.tau_start)
+
+    def ffns(self) -> list[PolyGLU]:
+        return [block.ffn for block in self.net.layers]
+
+    def set_tau(self, tau: float) -> None:
+        for ffn in self.ffns():
+            ffn.tau = tau
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        loss, _ = self.net(input_ids, document_ids=document_ids, labels=input_ids)
+        ffns = self.ffns()
+        dynamic = [f.last_routing["entropy"] for f in ffns]
+        routing = {f"dynamic_entropy/layer{i}": e for i, e in enumerate(dynamic)}
+        routing["dynamic_entropy/mean"] = torch.stack(dynamic).mean()
+        with torch.no_grad():
+            static = [f.static_entropy() for f in ffns]
+        routing.update({f"static_entropy/layer{i}": e for i, e in enumerate(static)})
+        routing["static_entropy/mean"] = torch.stack(static).mean()
+        metrics = {"tau": torch.tensor(ffns[0].tau), "routing_entropy": routing["dynamic_entropy/mean"]}
+        aux = {}
+        if self.cfg.entropy_reg > 0:
+            differentiable = torch.stack([f.last_entropy for f in ffns]).mean()
+            aux["entropy_reg"] = -self.cfg.entropy_reg * differentiable
+        return lm_output(loss, aux_losses=aux, metrics=metrics, routing=routing)
+
+    def architecture(self) -> dict:
+        c = self.cfg
+        return {"family": self.family, "vocab_size": self.vocab_size, "d_model": c.d_model, "d_ff": c.d_ff,
+                "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
+                "max_seq_len": c.max_seq_len, "routing_pool": c.routing_pool}
+
+    def no_weight_decay(self) -> set[str]:
+        # alpha is [d_ff, 4], a matrix by shape but a per-neuron routing preference, not a weight to shrink
+        # (the paper decayed it for half its run because it is 2-D). beta and the norms are 1-D anyway.
+        return {name for name, _ in self.named_parameters() if name.endswith((".alpha", ".beta"))}
+
+    def callbacks(self, cfg) -> list:
+        c = self.cfg
+        return [TauSchedule(self, c.tau_start, c.tau_end, cfg.train.max_steps, c.tau_frozen),
+                RoutingEntropyWarning(c.entropy_warning)]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """Sampled continuation (greedy at temperature 0); no KV cache: the model is small or the prompt short."""
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            _, logits = self.net(ids[:, -self.cfg.max_seq_len:])
+            last = logits[:, -1].float()
+            if temperature <= 0:
+                nxt = last.argmax(dim=-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k:
+                    kth = last.topk(min(top_k, last.shape[-1])).values[:, -1:]
+                    last = last.masked_fill(last < kth, -math.inf)
+                nxt = torch.multinomial(last.softmax(dim=-1), 1)
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+        return ids
+
+
+def build(model_cfg, vocab_size: int, eos_id: int) -> PolyGLULM:
+    return PolyGLULM(model_cfg, vocab_size)

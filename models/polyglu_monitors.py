@@ -1,0 +1,55 @@
+"""The PolyGLU family's callbacks: the Gumbel-softmax temperature schedule and the routing-collapse warning."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from trainer.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+DYNAMIC_MEAN = re.compile(r"^eval/([^/]+)/router/dynamic_entropy/mean$")
+
+
+def tau_at(step: int, start: float, end: float, max_steps: int, frozen: float | None = None) -> float:
+    """Temperature for the update after `step` updates: linear from start to end over max_steps."""
+    if frozen is not None:
+        return frozen
+    return start + (end - start) * min(1.0, step / max(1, max_steps))
+
+
+class TauSchedule(Callback):
+    """Advances on optimizer updates only; a pure function of the step, so resume re-applies it exactly."""
+
+    name = "tau_schedule"
+
+    def __init__(self, model, start: float, end: float, max_steps: int, frozen: float | None):
+        self.model, self.start, self.end, self.max_steps, self.frozen = model, start, end, max_steps, frozen
+
+    def _apply(self, step: int) -> None:
+        self.model.set_tau(tau_at(step, self.start, self.end, self.max_steps, self.frozen))
+
+    def on_train_start(self, step):
+        self._apply(step)
+
+    def on_step_end(self, step, metrics):
+        self._apply(step)
+        return None
+
+
+class RoutingEntropyWarning(Callback):
+    """The paper's signal to watch: mean dynamic routing entropy below ~0.3 nats means the neurons are
+    collapsing onto one activation (PolyGLU degenerating to a plain GLU). Warns; does not stop."""
+
+    name = "routing_entropy_warning"
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def on_eval(self, step, metrics):
+        values = [v for k, v in metrics.items() if DYNAMIC_MEAN.match(k)]
+        if values and (mean := sum(values) / len(values)) < self.threshold:
+            log.warning("step %d: mean dynamic routing entropy %.3f < %.2f nats: activation collapse may be "
+                        "under way (consider model.entropy_reg > 0)", step, mean, self.threshold)
+        return None

@@ -1,0 +1,109 @@
+"""The PolyGLU family through the trainer: parameter groups, tau, entropy metrics, the paper's size, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from eval.generate import load_snapshot_model
+from eval.param_count import count
+from models import build_model
+from models.polyglu_monitors import RoutingEntropyWarning, TauSchedule, tau_at
+from tests.conftest import assert_ok, tiny_run
+from tests.test_train_e2e import assert_same_weights, metrics, train_losses
+from trainer.optim import parameter_groups
+from trainer.schema import PolyGLUConfig
+
+TINY = dict(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=64)
+TINY_CLI = ["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
+            "model.n_kv_heads=2", "model.head_dim=8", "model.max_seq_len=64"]
+
+
+def tiny_model(**overrides):
+    return build_model(PolyGLUConfig(**{**TINY, **overrides}), vocab_size=97, eos_id=0)
+
+
+def test_alpha_and_beta_never_decay_while_projections_do():
+    """The paper decayed alpha for half its run because alpha is 2-D: pinned here."""
+    groups = {g["role"]: set(g["names"]) for g in parameter_groups(tiny_model(), weight_decay=0.1)}
+    alphas = {n for n in groups["no_decay"] | groups["decay"] if n.endswith(".alpha")}
+    assert alphas and alphas <= groups["no_decay"]
+    assert {n for n in groups["decay"] if n.endswith(".beta")} == set()
+    assert any(n.endswith("W_gate.weight") for n in groups["decay"])
+    assert not any("norm" in n for n in groups["decay"]), "norm scales never decay"
+
+
+def test_tau_anneals_linearly_is_frozen_for_sft_and_is_reapplied_on_resume():
+    assert tau_at(0, 1.0, 0.1, 100) == 1.0 and tau_at(50, 1.0, 0.1, 100) == pytest.approx(0.55)
+    assert tau_at(100, 1.0, 0.1, 100) == pytest.approx(0.1) and tau_at(500, 1.0, 0.1, 100) == pytest.approx(0.1)
+    assert tau_at(37, 1.0, 0.1, 100, frozen=0.1) == 0.1
+    model = tiny_model()
+    schedule = TauSchedule(model, 1.0, 0.1, 100, None)
+    schedule.on_train_start(50)  # resumed after 50 updates
+    assert all(f.tau == pytest.approx(0.55) for f in model.ffns())
+    frozen = tiny_model(tau_frozen=0.1)
+    assert all(f.tau == 0.1 for f in frozen.ffns())
+
+
+def test_forward_reports_tau_and_routing_entropies_and_optional_regulariser():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(input_ids=ids, document_ids=torch.zeros_like(ids))
+    assert float(out.metrics["tau"]) == 1.0
+    assert out.routing["static_entropy/mean"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
+    assert 0 < float(out.routing["dynamic_entropy/mean"]) <= torch.log(torch.tensor(4.0)).item() + 1e-5
+    assert set(out.aux_losses) == set()
+    regularised = tiny_model(entropy_reg=0.01)
+    out = regularised(input_ids=ids)
+    assert set(out.aux_losses) == {"entropy_reg"} and float(out.aux_losses["entropy_reg"].detach()) < 0
+    out.loss.backward()
+    assert regularised.ffns()[0].alpha.grad is not None
+
+
+def test_entropy_warning_fires_below_the_threshold(caplog):
+    warn = RoutingEntropyWarning(0.3)
+    with caplog.at_level(logging.WARNING):
+        warn.on_eval(10, {"eval/code/router/dynamic_entropy/mean": 0.5, "eval/math/router/dynamic_entropy/mean": 0.4})
+        assert not caplog.records
+        warn.on_eval(20, {"eval/code/router/dynamic_entropy/mean": 0.2, "eval/math/router/dynamic_entropy/mean": 0.3})
+    assert "activation collapse" in caplog.text and "step 20" in caplog.text
+
+
+def test_the_paper_configuration_counts_its_published_parameters_without_memory():
+    total, cfg = count(["preset=polyglu-pretrain"])
+    assert cfg.model.n_layers == 28 and cfg.model.d_model == 1024
+    assert total == 597_153_888
+
+
+@pytest.mark.slow
+def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
+    common = ["preset=polyglu-shakedown", *TINY_CLI, "train.max_steps=6", "train.eval_every=3",
+              "checkpoint.save_every=3", "train.log_router_every=3", "data.block_size=64"]
+    assert_ok(tiny_run(tmp_path, data_cache, *common, name="whole", model_sizes=[]))
+    whole = tmp_path / "whole"
+    rows = metrics(whole)
+    train_rows = [r for r in rows if "train/loss" in r]
+    taus = [r["train/tau"] for r in train_rows]
+    assert taus[0] == 1.0 and taus == sorted(taus, reverse=True) and taus[-1] < 1.0
+    assert all({"train/lr", "train/tokens_per_sec", "train/routing_entropy"} <= set(r) for r in train_rows)
+    assert [r["step"] for r in train_rows if "router/static_entropy/mean" in r] == [3, 6]
+    last_eval = [r for r in rows if "eval/loss" in r][-1]
+    assert all(f"eval/{d}/router/dynamic_entropy/layer1" in last_eval for d in ("code", "math", "prose"))
+
+    model, tokenizer, meta = load_snapshot_model(whole / "final-model.safetensors")
+    assert meta["architecture"]["n_kv_heads"] == 2
+    ids = torch.tensor([tokenizer.encode("x = ")])
+    assert model.generate(ids, max_new_tokens=4, temperature=0).shape[1] == ids.shape[1] + 4
+
+    assert_ok(tiny_run(tmp_path, data_cache, *common, f"run.resume={whole / 'ckpt-step-3.pt'}", name="resumed",
+                       model_sizes=[]))
+    resumed = tmp_path / "resumed"
+    assert {s: v for s, v in train_losses(whole).items() if s > 3} == train_losses(resumed)
+    assert_same_weights(whole / "final-model.safetensors", resumed / "final-model.safetensors")
+    continued = [r["train/tau"] for r in metrics(resumed) if "train/tau" in r]
+    assert continued == taus[3:], "tau continues where the interrupted run left it"
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["mode"] == "polyglu" and summary["final_step"] == 6
