@@ -100,7 +100,10 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
 
-        if ctx.use_flash and q.dtype in (torch.float16, torch.bfloat16):
+        if ctx.use_flash:
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                # The context chose flash-attn and built no mask: SDPA here would silently drop document masking.
+                raise RuntimeError(f"flash-attn path chosen but attention runs in {q.dtype}; it needs fp16/bf16")
             out = self._flash_varlen(q, k, v, ctx)
         else:
             out = self._sdpa(q, k, v, ctx)
