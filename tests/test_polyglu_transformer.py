@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.polyglu.attention import cu_seqlens_from_document_ids, document_causal_mask
+from models.polyglu.ffn import SwiGLU
 from models.polyglu.layers import RMSNorm, _chunk_ce_sum, chunked_cross_entropy
 from models.polyglu.transformer import (
     PolychromaticTransformer,
@@ -20,19 +21,6 @@ from models.polyglu.transformer import (
 )
 
 V, D, L, H, KV, HD, FF, T = 97, 32, 2, 4, 2, 8, 64, 16
-
-
-class TinySwiGLU(nn.Module):
-    """A SwiGLU stand-in (the real PolyGLU/SwiGLU live in ffn.py, written separately)."""
-
-    def __init__(self, d: int, d_ff: int):
-        super().__init__()
-        self.W_gate = nn.Linear(d, d_ff, bias=False)
-        self.W_up = nn.Linear(d, d_ff, bias=False)
-        self.W_down = nn.Linear(d_ff, d, bias=False)
-
-    def forward(self, x, document_ids=None):
-        return self.W_down(F.silu(self.W_gate(x)) * self.W_up(x))
 
 
 class PolyGLUShape(nn.Module):
@@ -61,7 +49,7 @@ def tiny_shape(**kw) -> TransformerShape:
 
 def tiny_model(seed: int = 0, **kw) -> PolychromaticTransformer:
     torch.manual_seed(seed)
-    return PolychromaticTransformer(tiny_shape(**kw), TinySwiGLU)
+    return PolychromaticTransformer(tiny_shape(**kw), SwiGLU)
 
 
 def batch(b: int = 2, t: int = T, seed: int = 1) -> torch.Tensor:
@@ -233,7 +221,7 @@ def test_norms_present_and_tied_embeddings():
     assert isinstance(blk.attn.k_norm, RMSNorm) and blk.attn.k_norm.weight.shape == (HD,)
     assert isinstance(blk.attn_norm, RMSNorm) and isinstance(blk.ffn_norm, RMSNorm)
     assert isinstance(model.norm, RMSNorm)
-    assert isinstance(blk.ffn, TinySwiGLU)
+    assert isinstance(blk.ffn, SwiGLU)
     assert model.lm_head.weight is model.embed_tokens.weight
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     # RMSNorm: unit RMS output for weight 1.
@@ -255,7 +243,7 @@ def test_norms_present_and_tied_embeddings():
 def test_init_std():
     torch.manual_seed(0)
     shape = tiny_shape(d_model=256, head_dim=64, n_heads=4, n_kv_heads=2, d_ff=512, n_layers=4)
-    model = PolychromaticTransformer(shape, TinySwiGLU)
+    model = PolychromaticTransformer(shape, SwiGLU)
     resid = 0.02 / math.sqrt(2 * shape.n_layers)
     o = torch.cat([b.attn.o_proj.weight.flatten() for b in model.blocks])
     down = torch.cat([b.ffn.W_down.weight.flatten() for b in model.blocks])
@@ -270,7 +258,7 @@ def test_init_std():
 
 
 def test_ffn_without_document_ids_argument_is_accepted():
-    class XOnly(TinySwiGLU):
+    class XOnly(SwiGLU):
         def forward(self, x):
             return super().forward(x)
 
@@ -282,7 +270,7 @@ def test_ffn_without_document_ids_argument_is_accepted():
 
 def test_meta_build_then_materialise_keeps_tying_and_init():
     with torch.device("meta"):
-        model = PolychromaticTransformer(tiny_shape(), TinySwiGLU)
+        model = PolychromaticTransformer(tiny_shape(), SwiGLU)
     model.to_empty(device="cpu")
     model.reset_parameters()
     assert model.lm_head.weight is model.embed_tokens.weight

@@ -263,7 +263,8 @@ class SwiGLU(nn.Module):
         self.W_up = nn.Linear(d_model, d_ff, bias=False)
         self.W_down = nn.Linear(d_ff, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        # document_ids: the FFN contract of PolychromaticTransformer; SwiGLU mixes no tokens, so it is unused.
         return self.W_down(F.silu(self.W_gate(x)) * self.W_up(x))
 
 
