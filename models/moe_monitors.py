@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, StepSchedule
 
 log = logging.getLogger(__name__)
 
@@ -21,25 +21,13 @@ def router_noise(step: int, initial: float, anneal_fraction: float, max_steps: i
     return initial * max(0.0, 1.0 - step / horizon)
 
 
-class RouterNoiseSchedule(Callback):
-    """Advances on optimizer updates only. The noise is a pure function of the step, so a resumed run
-    re-applies exactly the value the uninterrupted run had (on_train_start)."""
+class RouterNoiseSchedule(StepSchedule):
+    """Router noise advances on optimizer updates only and is re-applied exactly on resume."""
 
     name = "router_noise"
 
     def __init__(self, model, initial: float, anneal_fraction: float, max_steps: int):
-        self.model, self.initial = model, initial
-        self.anneal_fraction, self.max_steps = anneal_fraction, max_steps
-
-    def _apply(self, step: int) -> None:
-        self.model.set_router_noise(router_noise(step, self.initial, self.anneal_fraction, self.max_steps))
-
-    def on_train_start(self, step):
-        self._apply(step)
-
-    def on_step_end(self, step, metrics):
-        self._apply(step)
-        return None
+        super().__init__(lambda step: router_noise(step, initial, anneal_fraction, max_steps), model.set_router_noise)
 
 
 class CollapseDetector(Callback):

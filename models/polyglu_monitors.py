@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from trainer.callbacks import Callback
+from trainer.callbacks import Callback, StepSchedule
 
 log = logging.getLogger(__name__)
 
@@ -19,23 +19,13 @@ def tau_at(step: int, start: float, end: float, max_steps: int, frozen: float | 
     return start + (end - start) * min(1.0, step / max(1, max_steps))
 
 
-class TauSchedule(Callback):
-    """Advances on optimizer updates only; a pure function of the step, so resume re-applies it exactly."""
+class TauSchedule(StepSchedule):
+    """The Gumbel-softmax temperature advances on optimizer updates only and is re-applied exactly on resume."""
 
     name = "tau_schedule"
 
     def __init__(self, model, start: float, end: float, max_steps: int, frozen: float | None):
-        self.model, self.start, self.end, self.max_steps, self.frozen = model, start, end, max_steps, frozen
-
-    def _apply(self, step: int) -> None:
-        self.model.set_tau(tau_at(step, self.start, self.end, self.max_steps, self.frozen))
-
-    def on_train_start(self, step):
-        self._apply(step)
-
-    def on_step_end(self, step, metrics):
-        self._apply(step)
-        return None
+        super().__init__(lambda step: tau_at(step, start, end, max_steps, frozen), model.set_tau)
 
 
 class RoutingEntropyWarning(Callback):

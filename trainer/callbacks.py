@@ -7,6 +7,7 @@ A callback's state (if any) goes into every full checkpoint and comes back on re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 class Callback:
@@ -30,6 +31,22 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class StepSchedule(Callback):
+    """A value that is a pure function of the optimizer step (router noise, Gumbel tau), applied before
+    every update. Being a function of the step, it needs no saved state: on_train_start re-applies the
+    value a resumed run had at its step, so resume is exact."""
+
+    def __init__(self, value_at: Callable[[int], float], apply: Callable[[float], None]):
+        self.value_at, self.apply = value_at, apply
+
+    def on_train_start(self, step):
+        self.apply(self.value_at(step))
+
+    def on_step_end(self, step, metrics):
+        self.apply(self.value_at(step))
+        return None
 
 
 class NonFiniteLossGuard(Callback):
