@@ -134,10 +134,14 @@ class TrainingLoop:
             self._save_snapshot("best-model")
 
     # -- artifacts -----------------------------------------------------------------------------------
-    def _sidecar(self) -> dict:
+    def _identity(self) -> dict:
+        """What both artifact kinds record about the run: the seed's identity keys plus the architecture."""
+        architecture = self.engine.model.architecture()
         return {"format_version": ckpt.FORMAT_VERSION, "step": self.state.step, "preset": self.cfg.run.preset,
-                "mode": self.engine.model.architecture()["family"], "config": self.config_dict,
-                "architecture": self.engine.model.architecture(),
+                "mode": architecture["family"], "config": self.config_dict, "architecture": architecture}
+
+    def _sidecar(self) -> dict:
+        return {**self._identity(),
                 "metrics_summary": {**self.state.last_eval, "best_eval_loss": self.state.best_eval_loss,
                                     "tokens_seen": self.state.tokens_seen}}
 
@@ -155,9 +159,7 @@ class TrainingLoop:
         rng_by_rank = self.engine.gather_object(capture_rng_state())
         if self.engine.is_main:
             payload = {
-                "format_version": ckpt.FORMAT_VERSION, "step": step, "preset": self.cfg.run.preset,
-                "mode": self.engine.model.architecture()["family"], "config": self.config_dict,
-                "architecture": self.engine.model.architecture(), **training_state, **rng_by_rank[0],
+                **self._identity(), **training_state, **rng_by_rank[0],
                 "rng_states_by_rank": rng_by_rank,
                 "data_state": self.stream.state_dict(), "callback_state": self.callbacks.state_dict(),
                 "loop_state": self.state.to_checkpoint(), "engine": self.engine.name,

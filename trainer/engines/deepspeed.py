@@ -66,8 +66,7 @@ class DeepSpeedEngine(DistributedEngine):
     def setup(self, model, optimizer, scheduler, train_cfg) -> None:
         import deepspeed
 
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.max_grad_norm = train_cfg.max_grad_norm
+        super().setup(model, optimizer, scheduler, train_cfg)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                 config=self.ds_config(train_cfg))
         self.forward_module = torch.compile(self.ds) if self.hw.compile else self.ds
