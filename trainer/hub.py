@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import lru_cache
+from urllib.parse import urlparse
 
 from trainer.schema import UserError
 
@@ -19,7 +20,7 @@ def _offline_by_env() -> bool:
 
 def _hub_host() -> str:
     endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")
-    return endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    return urlparse(endpoint).hostname or HUB_HOST
 
 
 @lru_cache(maxsize=8)

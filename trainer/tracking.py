@@ -75,7 +75,7 @@ def wandb_credentials_configured() -> bool:
     """An API key in the environment or a netrc entry for the W&B host (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL).split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    host = urlparse(os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL)).hostname
     try:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
