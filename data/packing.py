@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -26,6 +27,14 @@ class PackedBlocks:
     @property
     def block_size(self) -> int:
         return self.input_ids.shape[1]
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The blocks at `idx` as the int64 tensors a model's forward takes (training and eval alike)."""
+        return {
+            "input_ids": torch.from_numpy(self.input_ids[idx].astype(np.int64)),
+            "document_ids": torch.from_numpy(self.document_ids[idx].astype(np.int64)),
+            "domain_ids": torch.from_numpy(self.domain_ids[idx].astype(np.int64)),
+        }
 
     @staticmethod
     def concat(parts: list[PackedBlocks]) -> PackedBlocks:

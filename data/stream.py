@@ -62,12 +62,7 @@ class BlockStream:
         return idx
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        idx = self.next_indices()
-        return {
-            "input_ids": torch.from_numpy(self.blocks.input_ids[idx].astype(np.int64)),
-            "document_ids": torch.from_numpy(self.blocks.document_ids[idx].astype(np.int64)),
-            "domain_ids": torch.from_numpy(self.blocks.domain_ids[idx].astype(np.int64)),
-        }
+        return self.blocks.batch(self.next_indices())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

@@ -23,10 +23,7 @@ def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
         routing: dict[str, torch.Tensor] = {}
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
-            batch = {
-                "input_ids": torch.from_numpy(blocks.input_ids[idx].astype(np.int64)).to(engine.device),
-                "document_ids": torch.from_numpy(blocks.document_ids[idx].astype(np.int64)).to(engine.device),
-            }
+            batch = {k: v.to(engine.device) for k, v in blocks.batch(idx).items()}
             out = engine.eval_forward(batch)
             predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
             sums += torch.tensor([float(out.lm_loss) * predicted, predicted], dtype=torch.float64)
