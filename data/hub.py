@@ -11,7 +11,8 @@ from trainer.schema import DomainConfig, UserError
 def _load_stream(domain: str, dcfg: DomainConfig):
     key = f"data.domains.{domain}.dataset"
     # Checked before importing `datasets`, which would otherwise retry the network for a minute.
-    require_hub(key, dcfg.dataset, "train offline with data=embedded")
+    require_hub(key, dcfg.dataset, f"offline, use local files instead (data.source=local "
+                f"data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded")
     try:
         import datasets
     except ImportError:
@@ -26,7 +27,8 @@ def _load_stream(domain: str, dcfg: DomainConfig):
 
 
 def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
-    """Rows in the dataset's own order, `text_fields` joined with newlines; empty rows skipped."""
+    """Rows in the dataset's own order, `text_fields` joined with newlines; empty rows and rows whose
+    `filter` columns differ from the wanted values (github-code: language=Python) skipped."""
     fields = list(dcfg.text_fields)
     if not fields:
         raise UserError(f"data.domains.{domain}.text_fields is empty; name the column(s) holding the text")
@@ -35,6 +37,8 @@ def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
         if missing:
             raise UserError(f"data.domains.{domain}.text_fields={fields} names {missing[0]!r}, which "
                             f"{dcfg.dataset!r} rows lack; available columns: {', '.join(sorted(row))}")
+        if any(str(row.get(k)) != str(v) for k, v in dcfg.filter.items()):
+            continue
         text = "\n".join(str(row[f]) for f in fields if row[f] is not None and str(row[f]).strip())
         if text.strip():
             yield text
@@ -42,5 +46,5 @@ def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
 
 def provenance(domain: str, dcfg: DomainConfig) -> dict:
     return {"origin": f"Hugging Face dataset {dcfg.dataset}", "config": dcfg.config, "split": dcfg.split,
-            "text_fields": list(dcfg.text_fields),
+            "text_fields": list(dcfg.text_fields), "filter": dict(dcfg.filter),
             "licence": "see the dataset card on huggingface.co (not checked by this trainer)"}

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from trainer.schema import DataConfig, UserError
 
-from . import embedded, hub, math_problems
+from . import embedded, hub, local_files, math_problems
 
 EMBEDDED_DOMAINS = ("code", "math", "prose")
 # Modules whose code decides the documents' text; their source is part of the cache key.
-_TEXT_MODULES = ("embedded.py", "math_problems.py", "hub.py", "sources.py")
+_TEXT_MODULES = ("embedded.py", "math_problems.py", "hub.py", "local_files.py", "sources.py")
+SOURCES = ("embedded", "hub", "local")
 
 
 def take_until(docs: Iterable[str], max_bytes: int) -> list[str]:
@@ -47,10 +48,15 @@ def check_domains(cfg: DataConfig) -> list[str]:
         for name in names:
             if name not in EMBEDDED_DOMAINS:
                 raise UserError(f"data.domains.{name} is not an embedded domain; data.source=embedded offers "
-                                f"{', '.join(EMBEDDED_DOMAINS)} (or use data.source=hub with a dataset)")
-    elif cfg.source != "hub":
-        raise UserError(f"data.source={cfg.source!r} is not allowed; choose one of: embedded, hub")
+                                f"{', '.join(EMBEDDED_DOMAINS)} (or use data.source=hub with a dataset, or "
+                                "data.source=local with paths)")
+    elif cfg.source not in SOURCES:
+        raise UserError(f"data.source={cfg.source!r} is not allowed; choose one of: {', '.join(SOURCES)}")
     return names
+
+
+def paths_key(domain: str) -> str:
+    return f"data.domains.{domain}.paths"
 
 
 def signature(cfg: DataConfig) -> list:
@@ -67,20 +73,52 @@ def signature(cfg: DataConfig) -> list:
         if "prose" in cfg.domains:  # prose reaches into the dependencies' docstrings past the stdlib's
             sig.append(embedded.dependency_signature())
     else:
-        # Hub datasets are keyed by name only: delete data.cache_dir to pick up upstream changes.
-        sig.append({n: [d.dataset, d.config, d.split, list(d.text_fields)] for n, d in sorted(cfg.domains.items())})
+        sig.append({n: domain_signature(cfg, n) for n in sorted(cfg.domains)})
     return sig
 
 
-def load_documents(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """Return ({domain: documents}, {domain: provenance})."""
+def domain_signature(cfg: DataConfig, domain: str) -> dict:
+    """What identifies one domain's documents: the recipe for hub and embedded text, the files for local."""
+    d = cfg.domains[domain]
+    if cfg.source == "local":
+        return {"source": "local", "files": local_files.local_signature(paths_key(domain), list(d.paths)),
+                "text_fields": list(d.text_fields)}
+    if cfg.source == "hub":
+        # Hub datasets are keyed by name only: delete the cache or shards to pick up upstream changes.
+        return {"source": "hub", "dataset": d.dataset, "config": d.config, "split": d.split,
+                "text_fields": list(d.text_fields), "filter": dict(sorted(d.filter.items()))}
+    return {"source": "embedded", "domain": domain, "size_mb": cfg.size_mb}
+
+
+def domain_documents(cfg: DataConfig, domain: str) -> Iterator[str]:
+    """One domain's documents in their deterministic order, uncapped for hub and local sources (the
+    tokenizer's token budget stops reading); embedded text is capped at data.size_mb as in training."""
+    d = cfg.domains[domain]
+    if cfg.source == "hub":
+        return hub.hub_documents(domain, d)
+    if cfg.source == "local":
+        return local_files.local_documents(paths_key(domain), list(d.paths), list(d.text_fields))
+    docs, _ = load_documents(cfg, only=domain)
+    return iter(docs[domain])
+
+
+def load_documents(cfg: DataConfig, only: str | None = None) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Return ({domain: documents}, {domain: provenance}), for every domain or just `only`."""
     max_bytes = int(cfg.size_mb * 1_000_000)
     docs: dict[str, list[str]] = {}
     prov: dict[str, dict] = {}
     for name in check_domains(cfg):
+        if only is not None and name != only:
+            continue
         if cfg.source == "hub":
             docs[name] = take_until(hub.hub_documents(name, cfg.domains[name]), max_bytes)
             prov[name] = hub.provenance(name, cfg.domains[name])
+        elif cfg.source == "local":
+            d = cfg.domains[name]
+            docs[name] = take_until(local_files.local_documents(paths_key(name), list(d.paths),
+                                                                list(d.text_fields)), max_bytes)
+            prov[name] = {"origin": "local files", "files": local_files.expand_paths(paths_key(name), list(d.paths)),
+                          "text_fields": list(d.text_fields), "licence": "the files' own (not checked by this trainer)"}
         elif name == "math":
             docs[name] = take_until(math_problems.math_documents(max_bytes), max_bytes)
             prov[name] = math_problems.provenance()

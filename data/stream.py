@@ -33,6 +33,7 @@ class BlockStream:
         self.epoch = 0
         self.cursor = 0
         self._perm: np.ndarray | None = None
+        self._counts = np.zeros(len(blocks.domains), dtype=np.int64)  # domain samples since pop_metrics
         self._check_size()
 
     def _check_size(self) -> None:
@@ -56,10 +57,22 @@ class BlockStream:
             self.epoch += 1
             self.cursor = 0
             self._perm = None
+        perm = self._permutation()
+        whole = perm[self.cursor:self.cursor + window]  # every rank's blocks: the logged mix is the global one
+        self._counts += np.bincount(self.blocks.domain_ids[whole], minlength=len(self._counts))
         start = self.cursor + self.rank * self.batch_size
-        idx = self._permutation()[start:start + self.batch_size]
+        idx = perm[start:start + self.batch_size]
         self.cursor += window
         return idx
+
+    def pop_metrics(self) -> dict[str, float]:
+        """data/<domain>/fraction: each domain's share of the samples drawn since the last call."""
+        total = int(self._counts.sum())
+        if not total:
+            return {}
+        out = {f"data/{d}/fraction": float(c) / total for d, c in zip(self.blocks.domains, self._counts, strict=True)}
+        self._counts[:] = 0
+        return out
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self.blocks.batch(self.next_indices())
@@ -69,10 +82,13 @@ class BlockStream:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_blocks": len(self.blocks),
-                "batch_size": self.batch_size, "world_size": self.world_size}
+        return {"kind": "blocks", "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "num_blocks": len(self.blocks), "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", "blocks") != "blocks":
+            raise UserError(f"the checkpoint was written with another data stream ({state.get('kind')!r}, a domain "
+                            "mix); resume with the same data.* settings (data.mix, data.format) as the checkpoint")
         if int(state["num_blocks"]) != len(self.blocks):
             raise UserError(f"the checkpoint's data stream had {state['num_blocks']} training blocks but this run "
                             f"has {len(self.blocks)}; resume with the same data.* settings as the checkpoint")

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.schema import TokenizerConfig, UserError
+from trainer.schema import BPE_WITH_SHARDS, TokenizerConfig, UserError
 
 from .cache import atomic_path, text_digest
 
@@ -73,6 +73,21 @@ class TextTokenizer:
         """Encode in chunks so a 10 MB domain never sits in memory as one list of Python ints."""
         for start in range(0, len(texts), _ENCODE_CHUNK):
             yield from self.encode_batch(texts[start:start + _ENCODE_CHUNK])
+
+    def spec(self) -> tuple:
+        """A picklable recipe for an equal tokenizer in another process (see from_spec)."""
+        if self._backend is not None:
+            return ("tokenizers", self.name, self._backend.to_str(), self.eos_id)
+        return ("transformers", self.name, self._hf, self.eos_id)
+
+    @staticmethod
+    def from_spec(spec: tuple) -> TextTokenizer:
+        kind, name, payload, eos_id = spec
+        if kind == "tokenizers":
+            from tokenizers import Tokenizer
+
+            return TextTokenizer(name, backend=Tokenizer.from_str(payload), eos_id=eos_id)
+        return TextTokenizer(name, hf=payload, eos_id=eos_id)
 
     def __repr__(self) -> str:
         return f"TextTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -216,6 +231,18 @@ def load_pretrained(name: str) -> TextTokenizer:
         # A private copy: switching off truncation must not change the caller's tokenizer object.
         return TextTokenizer(name, backend=Tokenizer.from_str(backend.to_str()), eos_id=eos)
     return TextTokenizer(name, hf=hf, eos_id=eos)
+
+
+def load_named_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
+    """A fixed tokenizer, as token shards need one: gpt2 (offline), a run's saved tokenizer/ folder, any
+    transformers tokenizer directory, or a hub name. name=bpe is trained per corpus, so it is refused."""
+    if cfg.name == "bpe":
+        raise UserError(BPE_WITH_SHARDS)
+    if cfg.name == "gpt2":
+        return load_gpt2()
+    if os.path.isfile(os.path.join(cfg.name, SAVED_META)):
+        return load_saved_tokenizer(cfg.name)
+    return load_pretrained(cfg.name)
 
 
 def build_tokenizer(

@@ -33,7 +33,7 @@ def test_the_groups_the_design_promises_exist():
     assert {"cpu", "mps", "cuda", "a100_zero2"} <= set(options("hardware"))
     assert {"quickstart", "shakedown", "dense", "moe-main", "no-lb", "top2", "polyglu-shakedown",
             "polyglu-pretrain"} <= set(options("preset"))
-    assert {"embedded", "mixed3"} <= set(options("data"))
+    assert {"embedded", "mixed3", "polyglu-mix", "local"} <= set(options("data"))
 
 
 def pinned_family(preset: str) -> str | None:
@@ -42,10 +42,15 @@ def pinned_family(preset: str) -> str | None:
     return match.group(1) if match else None
 
 
+# What a data entry cannot know by itself: the user's own files.
+DATA_NEEDS = {"local": ["data.domains.text.paths=[corpus/*.jsonl]"]}
+
+
 @pytest.mark.parametrize("preset,hardware,model,data", list(itertools.product(
     options("preset"), options("hardware"), options("model"), options("data"))))
 def test_every_combination_composes_and_validates(preset, hardware, model, data):
-    overrides = [f"preset={preset}", f"hardware={hardware}", f"model={model}", f"data={data}"]
+    overrides = [f"preset={preset}", f"hardware={hardware}", f"model={model}", f"data={data}",
+                 *DATA_NEEDS.get(data, [])]
     pinned = pinned_family(preset)
     sets_model_keys = "model" in yaml.safe_load((CONF / "preset" / f"{preset}.yaml").read_text())
     if pinned is not None and pinned != model and sets_model_keys:

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from data import BlockStream, build_data
+from data import build_data
 from models import build_model
 from trainer import checkpoint as ckpt
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
@@ -78,8 +78,9 @@ def train(cfg: Config, run_dir: Path) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine.setup(model, optimizer, scheduler, cfg.train)
-    stream = BlockStream(data.train, cfg.train.batch_size, seed=cfg.run.seed, rank=engine.rank,
-                         world_size=engine.world_size)
+    stream = data.train_stream(cfg.train.batch_size, seed=cfg.run.seed, rank=engine.rank,
+                               world_size=engine.world_size, micro_steps_per_update=cfg.train.grad_accum_steps,
+                               max_steps=cfg.train.max_steps)
     callbacks = CallbackList([NonFiniteLossGuard(), *model.callbacks(cfg)])
 
     state = LoopState()

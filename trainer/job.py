@@ -1,4 +1,4 @@
-"""One Hydra job: validate the composed config, save it resolved next to the run, train, report."""
+"""One Hydra job: validate the composed config, save it resolved next to the run, then train (or tokenize)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def run_job(cfg: DictConfig) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+    if config.run.task == "tokenize":
+        from data.tokenize_shards import tokenize_data
+
+        return {"task": "tokenize", "domains": tokenize_data(config.data)}
 
     from trainer.fit import describe_outputs, train
 

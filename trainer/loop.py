@@ -76,6 +76,7 @@ class TrainingLoop:
                 for i, v in enumerate((sums[key] / accum).flatten().tolist()):
                     metrics[f"{key}/{i}"] = v
         metrics["train/grad_norm"] = grad_norm
+        metrics.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
         return metrics
 
     # -- the whole run -------------------------------------------------------------------------------

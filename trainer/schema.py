@@ -22,6 +22,7 @@ class UserError(Exception):
 
 @dataclass
 class RunConfig:
+    task: str = "train"  # train | tokenize (chosen with task=<name>, conf/task/)
     name: str = "run"  # run directory key: <output_dir>/<name>
     output_dir: str = "outputs"
     seed: int = 42
@@ -31,11 +32,21 @@ class RunConfig:
 
 @dataclass
 class DomainConfig:
-    # Hub source fields; unused by the embedded source.
+    # data.source=hub: a Hugging Face dataset, streamed
     dataset: Optional[str] = None
     config: Optional[str] = None
     split: str = "train"
-    text_fields: list[str] = field(default_factory=lambda: ["text"])
+    filter: dict[str, str] = field(default_factory=dict)  # keep rows whose columns equal these values
+    # data.source=local: files, globs or directories (jsonl, json lines, txt, md, parquet; .gz for jsonl/txt)
+    paths: list[str] = field(default_factory=list)
+    text_fields: list[str] = field(default_factory=lambda: ["text"])  # hub columns / jsonl keys / parquet columns
+    max_tokens: Optional[int] = None  # task=tokenize: training-token budget for this domain; null = whole source
+
+
+@dataclass
+class MixPoint:
+    at: float = 0.0  # fraction of train.max_steps
+    weights: dict[str, float] = field(default_factory=dict)  # domain -> weight (normalised per point)
 
 
 @dataclass
@@ -48,7 +59,11 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | hub
+    name: str = "embedded"  # the conf/data entry; names the shard directory
+    source: str = "embedded"  # embedded | hub | local
+    # memory: read the text, tokenize and pack in memory, capped at size_mb per domain (cached)
+    # shards: stream blocks from token shards written by `python trainer/run.py task=tokenize data=<entry>`
+    format: str = "memory"
     domains: dict[str, DomainConfig] = field(default_factory=dict)  # name -> source; conf/data/* fills it
     size_mb: float = 10.0  # text per domain, before the train/eval split
     block_size: int = 512
@@ -57,6 +72,15 @@ class DataConfig:
     max_eval_blocks: int = 64  # per domain, so an eval pass costs the same whatever the corpus size
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: str = ".cache/data"  # tokenized corpora and trained tokenizers, keyed by content hash
+    # Per-domain weights over training, linearly interpolated between points; empty = the memory format's
+    # shuffled union of all blocks, or, for shards, weights proportional to each domain's blocks.
+    mix: list[MixPoint] = field(default_factory=list)
+    # Token shards (format=shards and task=tokenize)
+    shards_dir: Optional[str] = None  # null = <cache_dir>/shards/<name>; one subdirectory per domain
+    shard_tokens: int = 100_000_000  # tokens per shard (whole documents: a shard ends after the one that fills it)
+    eval_tokens: int = 1_000_000  # per domain, the first documents held out in eval-00000 (never trained on)
+    tokenize_workers: int = 0  # processes for task=tokenize; 0 = one per available core
+    tokenize_batch_docs: int = 512  # documents per tokenizer batch call
 
 
 @dataclass
@@ -217,7 +241,9 @@ CHOICES = {
     "hardware.engine": ("auto", "single", "ddp", "deepspeed"),
     "hardware.dist_backend": ("auto", "nccl", "gloo"),
     "tracking.wandb_mode": ("auto", "online", "offline", "disabled"),
-    "data.source": ("embedded", "hub"),
+    "data.source": ("embedded", "hub", "local"),
+    "data.format": ("memory", "shards"),
+    "run.task": ("train", "tokenize"),
 }
 
 # (key, test, what would work). Keys are dotted paths into the validated config.
@@ -227,6 +253,10 @@ RULES = [
     ("data.eval_fraction", lambda v: 0 < v < 1, "a fraction strictly between 0 and 1"),
     ("data.max_eval_blocks", lambda v: v >= 1, "an integer >= 1"),
     ("data.tokenizer.vocab_size", lambda v: v >= 260, "an integer >= 260 (256 bytes + specials)"),
+    ("data.shard_tokens", lambda v: v >= 1, "a positive number of tokens such as 100000000"),
+    ("data.eval_tokens", lambda v: v >= 0, "a number of tokens >= 0 (0 = no eval shard)"),
+    ("data.tokenize_workers", lambda v: v >= 0, "an integer >= 0 (0 = one per core)"),
+    ("data.tokenize_batch_docs", lambda v: v >= 1, "an integer >= 1"),
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, "an integer >= 1"),
     ("train.max_steps", lambda v: v >= 1, "an integer >= 1"),
@@ -374,6 +404,18 @@ def _cross_checks(cfg: Config) -> None:
         if missing:
             raise UserError(f"data.domains.{missing[0]}.dataset is empty; "
                             "data.source=hub needs a dataset name per domain")
+    if cfg.data.source == "local":
+        missing = [name for name, d in cfg.data.domains.items() if not d.paths]
+        if missing:
+            raise UserError(f"data.domains.{missing[0]}.paths is empty; data.source=local needs files per domain, "
+                            f"for example data.domains.{missing[0]}.paths=[corpus/*.jsonl]")
+    for name, d in cfg.data.domains.items():
+        if d.max_tokens is not None and d.max_tokens < 1:
+            raise UserError(f"data.domains.{name}.max_tokens={d.max_tokens} is impossible; expected a positive "
+                            "number of tokens or null (the whole source)")
+    if (cfg.data.format == "shards" or cfg.run.task == "tokenize") and cfg.data.tokenizer.name == "bpe":
+        raise UserError(BPE_WITH_SHARDS)
+    _check_mix(cfg.data)
     if not cfg.data.domains:
         raise UserError("data.domains is empty; name at least one domain (for example code, math, prose)")
     if hasattr(m, "n_embd") and hasattr(m, "n_head") and m.n_embd % m.n_head:
@@ -392,6 +434,31 @@ def _cross_checks(cfg: Config) -> None:
     if getattr(m, "pretrained", None) is None and hasattr(m, "n_positions") and cfg.data.block_size > m.n_positions:
         raise UserError(f"data.block_size={cfg.data.block_size} exceeds model.n_positions={m.n_positions}; "
                         "lower data.block_size or raise model.n_positions")
+
+
+BPE_WITH_SHARDS = ("data.tokenizer.name='bpe' is trained on each in-memory corpus, so token shards cannot use it; "
+                   "use data.tokenizer.name=gpt2 (offline), a hub name such as Qwen/Qwen3-0.6B-Base, or a directory "
+                   "such as a run's tokenizer/ folder")
+
+
+def _check_mix(data: DataConfig) -> None:
+    """The shape of data.mix, at compose time (data/mixing.py re-checks what it is given)."""
+    if not data.mix:
+        return
+    if data.mix[0].at != 0.0:
+        raise UserError(f"data.mix[0].at={data.mix[0].at} must be 0.0: the schedule starts at the first step")
+    for i, point in enumerate(data.mix):
+        if not 0.0 <= point.at <= 1.0:
+            raise UserError(f"data.mix[{i}].at={point.at} is impossible; expected a fraction of training in [0, 1]")
+        if i and point.at <= data.mix[i - 1].at:
+            raise UserError(f"data.mix[{i}].at={point.at} must be greater than data.mix[{i - 1}].at="
+                            f"{data.mix[i - 1].at}")
+        if set(point.weights) != set(data.domains):
+            odd = sorted(set(point.weights) ^ set(data.domains))
+            raise UserError(f"data.mix[{i}].weights names {sorted(point.weights)} but data.domains has "
+                            f"{sorted(data.domains)} ({odd[0]!r} differs); give every domain a weight")
+        if any(w < 0 for w in point.weights.values()) or sum(point.weights.values()) <= 0:
+            raise UserError(f"data.mix[{i}].weights={dict(point.weights)} must be >= 0 with a positive sum")
 
 
 def check_moe_layout(m: MoEGPT2Config, n_layer: Optional[int]) -> None:

@@ -1,0 +1,61 @@
+"""data.format=shards: open each domain's token shards and check they were made with this run's tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from trainer.schema import DataConfig, UserError
+
+from . import sources
+from .mixing import MixSchedule
+from .pipeline import DataBundle
+from .shards import ShardBlocks, ShardSet
+from .tokenize_shards import domain_dir, tokenize_command
+from .tokenizer import load_named_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:
+    start = time.perf_counter()
+    domains = sources.check_domains(cfg)
+    tokenizer = load_named_tokenizer(cfg.tokenizer)
+    hint = tokenize_command(cfg)
+    train, evals, per_domain = {}, {}, {}
+    for d in domains:
+        shard_set = ShardSet(domain_dir(cfg, d), f"data.domains.{d}", hint)
+        made_with = shard_set.tokenizer
+        if made_with["fingerprint"] != tokenizer.fingerprint:
+            raise UserError(f"the shards of domain {d!r} in {shard_set.directory} were tokenized with "
+                            f"{made_with['name']!r} (fingerprint {made_with['fingerprint']}), but this run's "
+                            f"data.tokenizer.name={cfg.tokenizer.name!r} is {tokenizer.fingerprint}; use the "
+                            "tokenizer the shards were made with, or tokenize again into another data.shards_dir")
+        blocks = ShardBlocks(shard_set, cfg.block_size, d, domains)
+        if len(blocks) == 0:
+            raise UserError(f"domain {d!r} has {shard_set.num_tokens} training tokens in {shard_set.directory}, "
+                            f"less than one block of data.block_size={cfg.block_size}; tokenize more or lower "
+                            "data.block_size")
+        ev = shard_set.eval_blocks(cfg.block_size, cfg.max_eval_blocks, d, domains)
+        if len(ev) == 0:
+            raise UserError(f"domain {d!r} has no eval block of data.block_size={cfg.block_size} in "
+                            f"{shard_set.directory} (data.eval_tokens was {shard_set.index['settings']['eval_tokens']}"
+                            "); tokenize again with a larger data.eval_tokens into another data.shards_dir")
+        train[d], evals[d] = blocks, ev
+        per_domain[d] = {"directory": shard_set.directory, "shards": len(shard_set.shards),
+                         "train_tokens": shard_set.num_tokens, "train_blocks": len(blocks),
+                         "train_documents": len(shard_set.doc_starts), "eval_blocks": len(ev),
+                         "source": shard_set.index["settings"]["source"]}
+    if mix is None:
+        # Without a schedule, every training block is equally likely: each domain in proportion to its size.
+        mix = MixSchedule.constant({d: float(len(b)) for d, b in train.items()})
+    summary = {
+        "source": cfg.source, "format": "shards", "domains": per_domain, "block_size": cfg.block_size,
+        "train_blocks": sum(len(b) for b in train.values()), "mix": mix.describe(),
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+                      "fingerprint": tokenizer.fingerprint},
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    log.info("data: token shards, %s blocks per domain, tokenizer %s", {d: len(b) for d, b in train.items()},
+             tokenizer.name)
+    return DataBundle(tokenizer=tokenizer, train=None, eval=evals, summary=summary, train_by_domain=train, mix=mix)
