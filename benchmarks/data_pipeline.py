@@ -2,14 +2,14 @@
 
 1. tokenize_vs_datasets_map (target >= 1.0): tokens/s of `tokenize_data` (the `task=tokenize` command:
    source=local JSON Lines -> GPT-2 tokens -> uint32 shards, default worker count = one process per core)
-   over tokens/s of the usual Hugging Face recipe on the same files with the same tokenizer:
+   over tokens/s of the usual Hugging Face recipe on the same file with the same tokenizer:
    `load_dataset("json", ...)` then `.map(batched=True, num_proc=<same count>)` calling the same `tokenizers`
    backend. Both are timed end to end as a user pays them: loading the tokenizer, parsing the JSON Lines,
    encoding, and writing the result (our shards; the baseline's Arrow cache, in a fresh cache dir every trial
    so nothing is reused). Both sides must count the same tokens (ours minus the EOS it appends per document).
-   The input is the project's offline corpus (embedded code + prose, repeated `--repeat` times), written as
-   two JSON Lines files (one per domain; ours tokenizes them as two domains, the baseline loads both as one
-   dataset). TOKENIZERS_PARALLELISM=false on both sides: one process per core, no Rust thread pool on top.
+   The input is the project's offline corpus (embedded code + prose, repeated `--repeat` times), shuffled into
+   one JSON Lines file (see write_corpus for why shuffled). TOKENIZERS_PARALLELISM=false on both sides: one
+   process per core, no Rust thread pool on top of them.
 2. loader_vs_model (target >= 50): blocks/s the shard loader delivers (the trainer's own path: shards just
    written -> build_shard_data -> MixedStream micro-batches) over blocks/s the shakedown model consumes in
    training (dense GPT-2 at the shakedown preset's sizes, random init, GPT-2 vocabulary, CPU fp32; optimizer
@@ -61,7 +61,8 @@ from trainer.rng import seed_everything
 from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, register_schemas, validate
 
 TARGETS = {"tokenize_vs_datasets_map": ">= 1.0", "loader_vs_model": ">= 50"}
-DOMAINS = ("code", "prose")
+EMBEDDED = ("code", "prose")
+DOMAIN = "text"
 
 
 def shakedown_config():
@@ -70,28 +71,27 @@ def shakedown_config():
         return validate(compose("config", overrides=["preset=shakedown", "data.tokenizer.name=gpt2"]))
 
 
-def write_corpus(directory: Path, cache_dir: str, repeat: int) -> tuple[dict[str, Path], int, int]:
-    """The embedded code and prose domains (all of them), each repeated `repeat` times, as JSON Lines."""
-    cfg = DataConfig(source="embedded", size_mb=10_000.0, domains={d: DomainConfig() for d in DOMAINS},
+def write_corpus(path: Path, cache_dir: str, repeat: int) -> tuple[int, int]:
+    """The embedded code and prose domains (all of them), repeated `repeat` times and shuffled, as JSON Lines.
+
+    Shuffled: `datasets.map(num_proc=N)` splits the rows into N contiguous runs, so code's long files all in
+    one run would leave the other processes idle; a shuffled file gives the baseline balanced work."""
+    cfg = DataConfig(source="embedded", size_mb=10_000.0, domains={d: DomainConfig() for d in EMBEDDED},
                      cache_dir=cache_dir)
     docs, _ = load_documents(cfg)
-    files, n_docs, n_bytes = {}, 0, 0
-    directory.mkdir(parents=True, exist_ok=True)
-    for d in DOMAINS:
-        files[d] = directory / f"{d}.jsonl"
-        with open(files[d], "w", encoding="utf-8") as f:
-            for _ in range(repeat):
-                for doc in docs[d]:
-                    f.write(json.dumps({"text": doc}) + "\n")
-        n_docs += repeat * len(docs[d])
-        n_bytes += repeat * sum(len(doc.encode("utf-8", "surrogatepass")) for doc in docs[d])
-    return files, n_docs, n_bytes
+    corpus = [doc for d in EMBEDDED for doc in docs[d]] * repeat
+    order = np.random.default_rng(0).permutation(len(corpus))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in order:
+            f.write(json.dumps({"text": corpus[i]}) + "\n")
+    return len(corpus), sum(len(doc.encode("utf-8", "surrogatepass")) for doc in corpus)
 
 
-def shard_config(base: DataConfig, files: dict[str, Path], shards_dir: Path) -> DataConfig:
+def shard_config(base: DataConfig, corpus: Path, shards_dir: Path) -> DataConfig:
     return dataclasses.replace(
         base, name="bench", source="local", format="shards", shards_dir=str(shards_dir), mix=[],
-        domains={d: DomainConfig(paths=[str(p)]) for d, p in files.items()},
+        domains={DOMAIN: DomainConfig(paths=[str(corpus)])},
         tokenizer=TokenizerConfig(name="gpt2"), tokenize_workers=0)
 
 
@@ -109,11 +109,11 @@ def run_ours(cfg: DataConfig) -> tuple[float, int, int]:
     return seconds, tokens, documents
 
 
-def run_datasets_map(files: dict[str, Path], cache_dir: Path, workers: int) -> tuple[float, int, int]:
+def run_datasets_map(corpus: Path, cache_dir: Path, workers: int) -> tuple[float, int, int]:
     """(seconds, tokens, documents) of load_dataset("json") + map(batched=True, num_proc=workers)."""
     start = time.perf_counter()
     backend = load_gpt2()._backend  # the same tokenizers.Tokenizer object (same settings) our side encodes with
-    ds = datasets.load_dataset("json", data_files=[str(files[d]) for d in DOMAINS], split="train",
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train",
                                cache_dir=str(cache_dir))
     out = ds.map(lambda b: {"ids": [e.ids for e in backend.encode_batch(b["text"], add_special_tokens=False)]},
                  batched=True, num_proc=workers, remove_columns=["text"])
@@ -167,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="copies of the embedded code+prose text")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps of the model per trial")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps of the model per trial")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loader-batches", type=int, default=300)
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "data"),
@@ -180,19 +180,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         start = time.perf_counter()
-        files, n_docs, n_bytes = write_corpus(tmp / "corpus", args.cache_dir, args.repeat)
-        print(f"corpus: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB of text in {len(files)} JSON Lines files "
+        corpus = tmp / "corpus" / "corpus.jsonl"
+        n_docs, n_bytes = write_corpus(corpus, args.cache_dir, args.repeat)
+        print(f"corpus: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB of text in {corpus.name} "
               f"({time.perf_counter() - start:.1f}s); {workers} worker process(es) per side", flush=True)
         tokens = None
         for trial in range(args.trials):
-            data_cfg = shard_config(cfg.data, files, tmp / f"shards{trial}")
+            data_cfg = shard_config(cfg.data, corpus, tmp / f"shards{trial}")
             sides = ["ours", "datasets"] if trial % 2 == 0 else ["datasets", "ours"]
             result = {}
             for side in sides:
                 if side == "ours":
                     result[side] = run_ours(data_cfg)
                 else:
-                    result[side] = run_datasets_map(files, tmp / f"hf-cache{trial}", workers)
+                    result[side] = run_datasets_map(corpus, tmp / f"hf-cache{trial}", workers)
                     shutil.rmtree(tmp / f"hf-cache{trial}", ignore_errors=True)
             (t_ours, tok_ours, docs_ours), (t_base, tok_base, docs_base) = result["ours"], result["datasets"]
             if tok_ours != tok_base or docs_ours != docs_base or docs_ours != n_docs:

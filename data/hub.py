@@ -8,11 +8,15 @@ from trainer.hub import require_hub
 from trainer.schema import DomainConfig, UserError
 
 
+def check_reachable(domain: str, dcfg: DomainConfig) -> None:
+    """Fail in seconds, naming the dataset and what works offline, instead of `datasets` retrying for a minute."""
+    require_hub(f"data.domains.{domain}.dataset", dcfg.dataset, f"offline, use local files instead "
+                f"(data.source=local data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded")
+
+
 def _load_stream(domain: str, dcfg: DomainConfig):
     key = f"data.domains.{domain}.dataset"
-    # Checked before importing `datasets`, which would otherwise retry the network for a minute.
-    require_hub(key, dcfg.dataset, f"offline, use local files instead (data.source=local "
-                f"data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded")
+    check_reachable(domain, dcfg)
     try:
         import datasets
     except ImportError:

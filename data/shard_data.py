@@ -20,11 +20,12 @@ log = logging.getLogger(__name__)
 def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:
     start = time.perf_counter()
     domains = sources.check_domains(cfg)
-    tokenizer = load_named_tokenizer(cfg.tokenizer)
     hint = tokenize_command(cfg)
+    # Shards first: a missing one says how to make it before a hub tokenizer can fail offline.
+    shard_sets = {d: ShardSet(domain_dir(cfg, d), f"data.domains.{d}", hint) for d in domains}
+    tokenizer = load_named_tokenizer(cfg.tokenizer)
     train, evals, per_domain = {}, {}, {}
-    for d in domains:
-        shard_set = ShardSet(domain_dir(cfg, d), f"data.domains.{d}", hint)
+    for d, shard_set in shard_sets.items():
         made_with = shard_set.tokenizer
         if made_with["fingerprint"] != tokenizer.fingerprint:
             raise UserError(f"the shards of domain {d!r} in {shard_set.directory} were tokenized with "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from trainer.schema import DataConfig, UserError
 
-from . import shards, sources
+from . import hub, shards, sources
 from .tokenizer import TextTokenizer, load_named_tokenizer
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,9 @@ def resolve_workers(requested: int) -> int:
 def tokenize_data(cfg: DataConfig) -> list[dict]:
     """Tokenize every domain of `cfg` into `shards_root(cfg)/<domain>`; returns one summary per domain."""
     sources.check_domains(cfg)
+    if cfg.source == "hub":  # before the tokenizer: offline, name the datasets and the local-files way out
+        for domain in sorted(cfg.domains):
+            hub.check_reachable(domain, cfg.domains[domain])
     tokenizer = load_named_tokenizer(cfg.tokenizer)
     workers = resolve_workers(cfg.tokenize_workers)
     results = []

@@ -106,6 +106,16 @@ def test_auto_device_is_accepted_and_hardware_group_sets_engine():
     (["data.block_size=2048"], "model.n_positions"),
     (["+train.bogus=1"], "train.bogus"),
     (["hardware=a100_zero2", "hardware.deepspeed.zero_stage=3"], "stage 3 is not supported"),
+    (["data=local"], "data.domains.text.paths is empty"),
+    (["data.format=shards"], "data.tokenizer.name='bpe'"),
+    (["task=tokenize"], "data.tokenizer.name='bpe'"),
+    (["data=polyglu-mix", "data.domains.math.max_tokens=0"], "data.domains.math.max_tokens=0"),
+    (["data=polyglu-mix", "data.mix=[{at: 0.5, weights: {math: 1, stem: 1, code: 1}}]"], "data.mix[0].at=0.5"),
+    (["data=polyglu-mix", "data.mix=[{at: 0.0, weights: {math: 1, stem: 1}}]"], "'code' differs"),
+    (["data=polyglu-mix", "data.mix=[{at: 0.0, weights: {math: 1, stem: 1, code: 1}}, "
+      "{at: 0.0, weights: {math: 1, stem: 1, code: 1}}]"], "must be greater than data.mix[0].at"),
+    (["data=polyglu-mix", "data.mix=[{at: 0.0, weights: {math: -1, stem: 1, code: 1}}]"], ">= 0 with a positive"),
+    (["data.shard_tokens=0"], "data.shard_tokens=0"),
 ])
 def test_validation_rejects_with_one_line(override, needle):
     with pytest.raises(UserError) as err:
@@ -126,6 +136,9 @@ def test_validation_rejects_with_one_line(override, needle):
     (["model.topk=2"], ["'model.topk' belongs to model family moe", "add model=moe"]),
     (["--multirun", "preset=no-lb,top2", "model.collapse_check_every=50"], ["add model=moe"]),
     (["model=moe", "model.moe_layers=[8,12]"], ["model.moe_layers=[8, 12] names block 12", "n_layer=12"]),
+    (["data=local", "data.domains.text.paths=[a.jsonl]", "+data.domains.math.paths=[b.jsonl]"],
+     ["data.domains.math: a new domain cannot be added on the command line", "conf/data/local.yaml"]),
+    (["task=tokenise"], ["task=tokenise", "available:", "tokenize"]),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
     flags = [a for a in args if a.startswith("--")]

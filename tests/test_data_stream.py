@@ -88,3 +88,15 @@ def test_resume_with_other_data_is_a_user_error():
     state = BlockStream(blocks(23), 4, seed=0).state_dict()
     with pytest.raises(UserError, match="data"):
         BlockStream(blocks(30), 4, seed=0).load_state_dict(state)
+
+
+def test_pop_metrics_reports_the_global_windows_domain_shares():
+    two = PackedBlocks(input_ids=np.zeros((12, 4), np.int32), document_ids=np.zeros((12, 4), np.int32),
+                       domain_ids=np.array([0] * 9 + [1] * 3, np.int16), domains=["a", "b"])
+    rank1 = BlockStream(two, 3, seed=0, rank=1, world_size=2)  # one rank still logs all 6 samples of a window
+    assert rank1.pop_metrics() == {}
+    for _ in range(2):
+        rank1.next_batch()
+    shares = rank1.pop_metrics()
+    assert shares == {"data/a/fraction": 0.75, "data/b/fraction": 0.25}  # 2 windows = all 12 blocks
+    assert rank1.pop_metrics() == {}

@@ -39,6 +39,10 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
             if selected:
                 return f"unknown key '{key}': {suggest(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])])}"
         return f"unknown key '{key}': {suggest(leaf, allowed_keys_at(parent))}"
+    if "is not a subclass of DomainConfig" in detail:
+        return (f"data.domains.{key}: a new domain cannot be added on the command line (omegaconf rejects it); "
+                "declare it in a data entry instead: copy conf/data/local.yaml to conf/data/<name>.yaml (or to "
+                "<dir>/data/<name>.yaml with hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")
     return f"{key}: {detail}"
 
 

@@ -64,7 +64,9 @@ class DataConfig:
     # memory: read the text, tokenize and pack in memory, capped at size_mb per domain (cached)
     # shards: stream blocks from token shards written by `python trainer/run.py task=tokenize data=<entry>`
     format: str = "memory"
-    domains: dict[str, DomainConfig] = field(default_factory=dict)  # name -> source; conf/data/* fills it
+    # name -> source; conf/data/* fills it. A new domain goes in a data entry (YAML): Hydra cannot add a
+    # key to a dict of dataclasses from the command line (omegaconf 2.3 rejects +data.domains.new.x=...).
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
     size_mb: float = 10.0  # text per domain, before the train/eval split
     block_size: int = 512
     balance_tokens: bool = False  # truncate every domain's training tokens to the smallest domain's

@@ -1,0 +1,215 @@
+"""Token shards: the on-disk round trip, resumable tokenization, the memory-mapped block reader, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import shards, tokenize_shards
+from data.mixed_stream import MixedStream
+from data.mixing import MixSchedule
+from data.shard_data import build_shard_data
+from data.shards import ShardBlocks, ShardSet
+from data.tokenizer import load_gpt2
+from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+
+
+def write_corpus(path: Path, n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) for _ in range(n_docs)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return docs
+
+
+def local_cfg(tmp_path: Path, shards_dir: Path, workers: int = 1, **domains: Path) -> DataConfig:
+    return DataConfig(
+        name="local", source="local", format="shards", block_size=32, max_eval_blocks=4,
+        domains={d: DomainConfig(paths=[str(p)]) for d, p in domains.items()},
+        tokenizer=TokenizerConfig(name="gpt2"), cache_dir=str(tmp_path / "cache"), shards_dir=str(shards_dir),
+        shard_tokens=3000, eval_tokens=500, tokenize_workers=workers, tokenize_batch_docs=16,
+    )
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_gpt2()
+
+
+def test_write_and_open_round_trip_tokens_and_document_starts(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(1, 40, size=n) for n in (7, 1, 12)]
+    parts = [rng.integers(0, 2**32 - 1, size=int(ln.sum()), dtype=np.uint64).astype(np.uint32) for ln in lengths]
+    index = {"format_version": shards.FORMAT_VERSION, "settings": {"tokenizer": {}}, "eval": None, "train": [],
+             "complete": True}
+    for i, (tokens, ln) in enumerate(zip(parts, lengths, strict=True)):
+        index["train"].append(shards.write_shard(str(tmp_path), f"train-{i:05d}", tokens, ln))
+    shards.write_index(str(tmp_path), index)
+    shard_set = ShardSet(str(tmp_path), "data.domains.x", "tokenize")
+    whole = np.concatenate(parts).astype(np.int64)
+    assert shard_set.num_tokens == len(whole)
+    assert np.array_equal(shard_set.read(0, len(whole)), whole)  # uint32 values survive, even near 2**32
+    assert np.array_equal(shard_set.read(5, 300), whole[5:305])  # across both shard edges
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))[:-1]])
+    assert np.array_equal(shard_set.doc_starts, starts)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_blocks_share_one_token_and_carry_document_ids(tmp_path):
+    lengths = np.array([5, 9, 3, 20, 4, 11, 6])
+    tokens = np.arange(lengths.sum(), dtype=np.uint32)
+    index = {"format_version": shards.FORMAT_VERSION, "settings": {}, "eval": None, "complete": True,
+             "train": [shards.write_shard(str(tmp_path), "train-00000", tokens[:30], np.array([5, 9, 3, 13])),
+                       shards.write_shard(str(tmp_path), "train-00001", tokens[30:], np.array([7, 4, 11, 6]))]}
+    shards.write_index(str(tmp_path), index)
+    blocks = ShardBlocks(ShardSet(str(tmp_path), "k", "hint"), block_size=8, domain="b", domains=["a", "b"])
+    assert len(blocks) == (len(tokens) - 8) // 7 + 1
+    starts = np.concatenate([[0], np.cumsum([5, 9, 3, 13, 7, 4, 11])])  # the split document is two documents
+    for i in range(len(blocks)):
+        ids, doc = blocks.block(i)
+        assert ids.tolist() == list(range(7 * i, 7 * i + 8))  # label of block i's last = first of block i+1
+        expected = np.searchsorted(starts, np.arange(7 * i, 7 * i + 8), side="right") - 1
+        assert doc.tolist() == (expected - expected[0]).tolist()
+    batch = blocks.batch(np.array([3, 0]))
+    assert batch["input_ids"][1].tolist() == list(range(8)) and batch["domain_ids"].tolist() == [1, 1]
+    with pytest.raises(IndexError):
+        blocks.block(len(blocks))
+
+
+def test_tokenize_writes_documents_with_eos_and_an_eval_shard_first(tmp_path, gpt2):
+    docs = write_corpus(tmp_path / "a.jsonl", 200, seed=1)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
+    [summary] = tokenize_shards.tokenize_data(cfg)
+    directory = tmp_path / "shards" / "text"
+    index = json.loads((directory / "index.json").read_text())
+    assert index["complete"] and index["settings"]["tokenizer"]["fingerprint"] == gpt2.fingerprint
+    assert index["settings"]["source"]["files"][0][0] == str(tmp_path / "a.jsonl")
+    expected = [np.array([*gpt2.encode(d), gpt2.eos_id]) for d in docs]
+    eval_shard = shards.open_shard(str(directory), index["eval"])
+    n_eval = index["eval"]["documents"]
+    assert np.array_equal(eval_shard.tokens, np.concatenate(expected[:n_eval]))
+    assert sum(len(e) for e in expected[:n_eval - 1]) < 500 <= len(eval_shard.tokens)  # ends with the filler
+    shard_set = ShardSet(str(directory), "k", "hint")
+    assert np.array_equal(shard_set.read(0, shard_set.num_tokens), np.concatenate(expected[n_eval:]))
+    assert len(shard_set.doc_starts) == len(docs) - n_eval == summary["train_documents"]
+    for entry in index["train"][:-1]:  # every shard but the last ends with the document that filled it
+        assert entry["tokens"] >= 3000
+    assert gpt2.decode(shard_set.read(0, int(shard_set.doc_starts[1]) - 1)) == docs[n_eval]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatch, workers):
+    write_corpus(tmp_path / "in" / "a.jsonl", 300, seed=2)
+    write_corpus(tmp_path / "in" / "b.jsonl", 100, seed=3)
+    corpus = tmp_path / "in"
+    reference = local_cfg(tmp_path, tmp_path / "whole", workers=1, text=corpus)
+    tokenize_shards.tokenize_data(reference)
+
+    cfg = local_cfg(tmp_path, tmp_path / "cut", workers=workers, text=corpus)
+    real_write, calls = shards.write_shard, []
+
+    def dying_write(directory, name, tokens, lengths):
+        calls.append(name)
+        if len(calls) == 4:  # eval + 2 training shards done; die while writing the third
+            with open(os.path.join(directory, ".tmp-half-written.bin"), "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        return real_write(directory, name, tokens, lengths)
+
+    monkeypatch.setattr(shards, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_shards.tokenize_data(cfg)
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    cut = tmp_path / "cut" / "text"
+    index = json.loads((cut / "index.json").read_text())
+    assert not index["complete"] and len(index["train"]) == 2 and not (cut / "train-00002.bin").exists()
+    with pytest.raises(UserError, match="did not finish"):
+        ShardSet(str(cut), "data.domains.text", "the command")
+    (cut / "train-00007.bin").write_bytes(b"renamed into place but never indexed")
+
+    [summary] = tokenize_shards.tokenize_data(cfg)
+    assert summary["tokenized_now"] < summary["train_tokens"]  # the finished shards were not redone
+    assert files_of(cut) == files_of(tmp_path / "whole" / "text")
+    again = tokenize_shards.tokenize_data(cfg)[0]  # a finished directory is left alone
+    assert again["tokenized_now"] == 0 and files_of(cut) == files_of(tmp_path / "whole" / "text")
+
+
+def test_token_budget_and_changed_settings(tmp_path):
+    write_corpus(tmp_path / "a.jsonl", 300, seed=4)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
+    cfg.domains["text"].max_tokens = 4000
+    [summary] = tokenize_shards.tokenize_data(cfg)
+    index = json.loads((tmp_path / "shards" / "text" / "index.json").read_text())
+    assert summary["shards"] == 2 and 3000 <= index["train"][0]["tokens"] < 3000 + 200
+    assert 4000 <= summary["train_tokens"] < 4000 + 200  # stops after the document that reaches the budget
+    cfg.shard_tokens = 2000
+    with pytest.raises(UserError, match="shard_tokens"):
+        tokenize_shards.tokenize_data(cfg)
+
+
+def test_training_refuses_shards_of_another_tokenizer_and_missing_shards(tmp_path, gpt2):
+    write_corpus(tmp_path / "a.jsonl", 200, seed=5)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
+    with pytest.raises(UserError, match="task=tokenize data=local"):
+        build_shard_data(cfg, None)
+    tokenize_shards.tokenize_data(cfg)
+    bundle = build_shard_data(cfg, None)
+    assert bundle.tokenizer.vocab_size == gpt2.vocab_size and bundle.mix is not None
+    assert len(bundle.eval["text"]) >= 1 and bundle.summary["domains"]["text"]["train_documents"] > 0
+
+    other = tmp_path / "other-tokenizer"  # GPT-2's files with one merge fewer: another vocabulary
+    gpt2.save(other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    cfg.tokenizer.name = str(other)
+    with pytest.raises(UserError, match="tokenized with 'gpt2'"):
+        build_shard_data(cfg, None)
+
+
+def test_offline_hub_source_fails_fast_naming_dataset_and_local_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(name="hubby", source="hub", format="shards", tokenizer=TokenizerConfig(name="Qwen/Qwen3-0.6B"),
+                     domains={"math": DomainConfig(dataset="nvidia/Nemotron-CC-Math-v1", config="4plus")},
+                     cache_dir=str(tmp_path))
+    with pytest.raises(UserError) as err:
+        tokenize_shards.tokenize_data(cfg)
+    assert "nvidia/Nemotron-CC-Math-v1" in str(err.value) and "data.domains.math.paths" in str(err.value)
+
+
+def test_mixed_stream_over_shards_is_deterministic_and_resumes_exactly(tmp_path):
+    write_corpus(tmp_path / "a.jsonl", 200, seed=6)
+    write_corpus(tmp_path / "b.jsonl", 120, seed=7)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", math=tmp_path / "a.jsonl", code=tmp_path / "b.jsonl")
+    tokenize_shards.tokenize_data(cfg)
+    bundle = build_shard_data(cfg, MixSchedule([(0.0, {"math": 0.5, "code": 0.5}), (1.0, {"math": 0.9, "code": 0.1})],
+                                               ["code", "math"]))
+
+    def stream() -> MixedStream:
+        return bundle.train_stream(batch_size=4, seed=3, rank=0, world_size=1, micro_steps_per_update=2, max_steps=10)
+
+    a, b = stream(), stream()
+    first = [a.next_batch() for _ in range(6)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(first, [b.next_batch() for _ in range(6)],
+                                                                             strict=True))
+    state = a.state_dict()
+    rest = [a.next_batch() for _ in range(8)]
+    resumed = stream()
+    resumed.load_state_dict(state)
+    for want in rest:
+        got = resumed.next_batch()
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+    assert {"data/math/fraction", "data/code/target"} <= set(a.pop_metrics())
