@@ -1,6 +1,7 @@
 """The one entrypoint: `python trainer/run.py [group=option ...] [key=value ...]`.
 
-Hydra composes conf/ (model, data, hardware, preset) into one config; trainer.job validates and trains.
+Hydra composes conf/ (model, data, hardware, task, preset) into one config; trainer.job validates, then
+trains (task=train, the default) or writes token shards (task=tokenize).
 User mistakes (unknown key, wrong type, impossible value, unknown preset) end with one line and exit
 code 2; `--cfg job` prints the composed config without importing torch.
 """
