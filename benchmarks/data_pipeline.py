@@ -9,7 +9,9 @@
    so nothing is reused). Both sides must count the same tokens (ours minus the EOS it appends per document).
    The input is the project's offline corpus (embedded code + prose, repeated `--repeat` times), shuffled into
    one JSON Lines file (see write_corpus for why shuffled). TOKENIZERS_PARALLELISM=false on both sides: one
-   process per core, no Rust thread pool on top of them.
+   process per core, no Rust thread pool on top of them. Same Rust tokenizer, same ids; our side calls its
+   encode_batch_fast (no character offsets, which token shards never need), the baseline its encode_batch
+   (what a transformers fast tokenizer's __call__ uses, the usual recipe).
 2. loader_vs_model (target >= 50): blocks/s the shard loader delivers (the trainer's own path: shards just
    written -> build_shard_data -> MixedStream micro-batches) over blocks/s the shakedown model consumes in
    training (dense GPT-2 at the shakedown preset's sizes, random init, GPT-2 vocabulary, CPU fp32; optimizer

@@ -66,11 +66,12 @@ def encode_flat(tokenizer: TextTokenizer, texts: list[str]) -> tuple[np.ndarray,
     return flat, lengths
 
 
-def _init_worker(spec: tuple) -> None:
+def _init_worker(spec: tuple | None) -> None:
     global _WORKER_TOKENIZER
     # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = TextTokenizer.from_spec(spec)
+    if spec is not None:  # spawned workers rebuild it; forked ones inherited the parent's
+        _WORKER_TOKENIZER = TextTokenizer.from_spec(spec)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +93,11 @@ def encoded_batches(docs: Iterable[str], tokenizer: TextTokenizer, workers: int,
         for batch in _batched(docs, batch_docs):
             yield encode_flat(tokenizer, batch)
         return
+    global _WORKER_TOKENIZER
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer.spec(),)) as pool:
+    _WORKER_TOKENIZER = tokenizer if method == "fork" else None
+    spec = None if method == "fork" else tokenizer.spec()
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
         pending: deque = deque()
         for batch in _batched(docs, batch_docs):
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))

@@ -44,7 +44,14 @@ class TextTokenizer:
         if self.eos_id is None:
             raise UserError(f"data.tokenizer.name={name!r} has no end-of-text token; "
                             "use a tokenizer with an EOS token, or data.tokenizer.name=bpe / gpt2")
-        self.fingerprint = self._fingerprint()
+        self._fingerprint_value: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the vocabulary and rules; computed on first use (a quarter second for GPT-2's)."""
+        if self._fingerprint_value is None:
+            self._fingerprint_value = self._fingerprint()
+        return self._fingerprint_value
 
     def _fingerprint(self) -> str:
         if self._backend is not None:
@@ -57,7 +64,9 @@ class TextTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._backend is not None:
-            return [enc.ids for enc in self._backend.encode_batch(texts, add_special_tokens=False)]
+            # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which we never read: ~30% faster.
+            encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+            return [enc.ids for enc in encode(texts, add_special_tokens=False)]
         return [self._hf.encode(t, add_special_tokens=False) for t in texts]
 
     def encode(self, text: str) -> list[int]:

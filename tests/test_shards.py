@@ -213,3 +213,13 @@ def test_mixed_stream_over_shards_is_deterministic_and_resumes_exactly(tmp_path)
         for key in want:
             assert torch.equal(want[key], got[key]), key
     assert {"data/math/fraction", "data/code/target"} <= set(a.pop_metrics())
+
+
+def test_a_tokenizer_rebuilt_from_its_spec_encodes_alike(gpt2):
+    """Spawned tokenize workers (macOS, Windows) rebuild the tokenizer from spec(); forked ones inherit it."""
+    from data.tokenizer import TextTokenizer
+
+    clone = TextTokenizer.from_spec(gpt2.spec())
+    text = "def f(x):\n    return x ** 2  # <|endoftext|> stays text"
+    assert clone.encode(text) == gpt2.encode(text) and clone.fingerprint == gpt2.fingerprint
+    assert clone.eos_id == gpt2.eos_id and gpt2.eos_id not in clone.encode(text)
