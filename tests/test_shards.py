@@ -223,3 +223,31 @@ def test_a_tokenizer_rebuilt_from_its_spec_encodes_alike(gpt2):
     text = "def f(x):\n    return x ** 2  # <|endoftext|> stays text"
     assert clone.encode(text) == gpt2.encode(text) and clone.fingerprint == gpt2.fingerprint
     assert clone.eos_id == gpt2.eos_id and gpt2.eos_id not in clone.encode(text)
+
+
+def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gpt2):
+    """The hub path up to `datasets.load_dataset`, which is replaced by rows in memory (no network here)."""
+    datasets = pytest.importorskip("datasets")
+    import trainer.hub
+
+    rows = [{"code": f"def f{i}():\n    return {i}\n", "language": "Python" if i % 3 else "Java"} for i in range(300)]
+    calls = []
+
+    def load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return iter(rows)
+
+    monkeypatch.setattr(trainer.hub, "hub_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(name="hubby", source="hub", format="shards", tokenizer=TokenizerConfig(name="gpt2"),
+                     domains={"code": DomainConfig(dataset="codeparrot/github-code", filter={"language": "Python"},
+                                                   text_fields=["code"], max_tokens=1500)},
+                     cache_dir=str(tmp_path), shard_tokens=1000, eval_tokens=100, tokenize_workers=1)
+    [summary] = tokenize_shards.tokenize_data(cfg)
+    assert calls[0] == ("codeparrot/github-code", None, "train", True)  # streamed, never downloaded whole
+    assert summary["shards"] == 2 and 1500 <= summary["train_tokens"] < 1600  # stopped at the budget
+    shard_set = ShardSet(str(tmp_path / "shards" / "hubby" / "code"), "k", "hint")
+    python = [r["code"] for r in rows if r["language"] == "Python"]
+    n_eval = shard_set.index["eval"]["documents"]
+    trained = python[n_eval:n_eval + len(shard_set.doc_starts)]
+    assert gpt2.decode(shard_set.read(0, shard_set.num_tokens)) == "".join(t + "<|endoftext|>" for t in trained)
