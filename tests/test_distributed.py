@@ -117,3 +117,23 @@ def test_deepspeed_trains_the_moe_family(tmp_path, data_cache):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("train/lb_loss" in r for r in rows if "train/loss" in r)
     assert (run_dir / "figures" / "expert_usage.png").is_file()
+
+
+MIX = ["data.mix=[{at: 0.0, weights: {code: 0.6, math: 0.2, prose: 0.2}}, "
+       "{at: 1.0, weights: {code: 0.1, math: 0.8, prose: 0.1}}]"]
+
+
+def test_ddp_with_a_mix_schedule_reads_the_global_mix_of_one_process(tmp_path, data_cache):
+    """Ranks slice one shared window of the scheduled mix: two processes train what one process trains."""
+    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *MIX, "train.batch_size=2", name="single-mix"))
+    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *MIX, "train.batch_size=1", name="ddp-mix", launcher=torchrun()))
+    assert_close_weights(tmp_path / "ddp-mix" / "final-model.safetensors",
+                         tmp_path / "single-mix" / "final-model.safetensors")
+
+    def shares(run: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("data/")} for r in rows if "data/code/fraction" in r]
+
+    assert shares("ddp-mix") == shares("single-mix") and len(shares("single-mix")) == 4
+    ckpt = torch.load(tmp_path / "ddp-mix" / "ckpt-step-4.pt", map_location="cpu", weights_only=True)
+    assert ckpt["data_state"]["kind"] == "mixed" and sum(ckpt["data_state"]["cursor"].values()) == 4 * 2 * 2
