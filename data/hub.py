@@ -10,7 +10,8 @@ from trainer.schema import DomainConfig, UserError
 
 def check_reachable(domain: str, dcfg: DomainConfig) -> None:
     """Fail in seconds, naming the dataset and what works offline, instead of `datasets` retrying for a minute."""
-    require_hub(f"data.domains.{domain}.dataset", dcfg.dataset, f"offline, use local files instead "
+    shown = f"{dcfg.dataset} {list(dcfg.data_files)}" if dcfg.data_files else dcfg.dataset
+    require_hub(f"data.domains.{domain}.dataset", shown, f"offline, use local files instead "
                 f"(data.source=local data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded")
 
 
@@ -23,7 +24,8 @@ def _load_stream(domain: str, dcfg: DomainConfig):
         raise UserError(f"{key}={dcfg.dataset!r} needs the optional `datasets` package; "
                         'pip install -e ".[hub]" (or train offline with data=embedded)') from None
     try:
-        return datasets.load_dataset(dcfg.dataset, dcfg.config, split=dcfg.split, streaming=True)
+        files = {"data_files": list(dcfg.data_files)} if dcfg.data_files else {}
+        return datasets.load_dataset(dcfg.dataset, dcfg.config, split=dcfg.split, streaming=True, **files)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"{key}={dcfg.dataset!r} (config={dcfg.config!r}, split={dcfg.split!r}) could not be "
@@ -50,5 +52,5 @@ def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
 
 def provenance(domain: str, dcfg: DomainConfig) -> dict:
     return {"origin": f"Hugging Face dataset {dcfg.dataset}", "config": dcfg.config, "split": dcfg.split,
-            "text_fields": list(dcfg.text_fields), "filter": dict(dcfg.filter),
+            "data_files": list(dcfg.data_files), "text_fields": list(dcfg.text_fields), "filter": dict(dcfg.filter),
             "licence": "see the dataset card on huggingface.co (not checked by this trainer)"}

@@ -86,6 +86,7 @@ def domain_signature(cfg: DataConfig, domain: str) -> dict:
     if cfg.source == "hub":
         # Hub datasets are keyed by name only: delete the cache or shards to pick up upstream changes.
         return {"source": "hub", "dataset": d.dataset, "config": d.config, "split": d.split,
+                "data_files": list(d.data_files),
                 "text_fields": list(d.text_fields), "filter": dict(sorted(d.filter.items()))}
     return {"source": "embedded", "domain": domain, "size_mb": cfg.size_mb}
 

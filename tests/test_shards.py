@@ -225,6 +225,9 @@ def test_a_tokenizer_rebuilt_from_its_spec_encodes_alike(gpt2):
     assert clone.eos_id == gpt2.eos_id and gpt2.eos_id not in clone.encode(text)
 
 
+FILES = "hf://datasets/codeparrot/github-code/data/train-*.parquet"  # polyglu-mix's code domain
+
+
 def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gpt2):
     """The hub path up to `datasets.load_dataset`, which is replaced by rows in memory (no network here)."""
     datasets = pytest.importorskip("datasets")
@@ -233,18 +236,18 @@ def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gp
     rows = [{"code": f"def f{i}():\n    return {i}\n", "language": "Python" if i % 3 else "Java"} for i in range(300)]
     calls = []
 
-    def load_dataset(name, config=None, split=None, streaming=False):
-        calls.append((name, config, split, streaming))
+    def load_dataset(name, config=None, split=None, streaming=False, **kwargs):
+        calls.append((name, config, split, streaming, kwargs))
         return iter(rows)
 
     monkeypatch.setattr(trainer.hub, "hub_reachable", lambda timeout_s=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     cfg = DataConfig(name="hubby", source="hub", format="shards", tokenizer=TokenizerConfig(name="gpt2"),
-                     domains={"code": DomainConfig(dataset="codeparrot/github-code", filter={"language": "Python"},
+                     domains={"code": DomainConfig(dataset="parquet", data_files=[FILES], filter={"language": "Python"},
                                                    text_fields=["code"], max_tokens=1500)},
                      cache_dir=str(tmp_path), shard_tokens=1000, eval_tokens=100, tokenize_workers=1)
     [summary] = tokenize_shards.tokenize_data(cfg)
-    assert calls[0] == ("codeparrot/github-code", None, "train", True)  # streamed, never downloaded whole
+    assert calls[0] == ("parquet", None, "train", True, {"data_files": [FILES]})  # streamed, never downloaded whole
     assert summary["shards"] == 2 and 1500 <= summary["train_tokens"] < 1600  # stopped at the budget
     shard_set = ShardSet(str(tmp_path / "shards" / "hubby" / "code"), "k", "hint")
     python = [r["code"] for r in rows if r["language"] == "Python"]

@@ -36,6 +36,9 @@ class DomainConfig:
     dataset: Optional[str] = None
     config: Optional[str] = None
     split: str = "train"
+    # Files within the hub, e.g. hf://datasets/<repo>/data/*.parquet with dataset=parquet: reads repos whose
+    # loading script datasets >= 4 no longer runs
+    data_files: list[str] = field(default_factory=list)
     filter: dict[str, str] = field(default_factory=dict)  # keep rows whose columns equal these values
     # data.source=local: files, globs or directories (jsonl, json lines, txt, md, parquet; .gz for jsonl/txt)
     paths: list[str] = field(default_factory=list)
