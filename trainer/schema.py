@@ -9,7 +9,9 @@ would work. Model families register their own schema in MODEL_SCHEMAS (keyed by 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from numbers import Real
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -447,23 +449,55 @@ BPE_WITH_SHARDS = ("data.tokenizer.name='bpe' is trained on each in-memory corpu
 
 
 def _check_mix(data: DataConfig) -> None:
-    """The shape of data.mix, at compose time (data/mixing.py re-checks what it is given)."""
-    if not data.mix:
-        return
-    if data.mix[0].at != 0.0:
-        raise UserError(f"data.mix[0].at={data.mix[0].at} must be 0.0: the schedule starts at the first step")
-    for i, point in enumerate(data.mix):
-        if not 0.0 <= point.at <= 1.0:
-            raise UserError(f"data.mix[{i}].at={point.at} is impossible; expected a fraction of training in [0, 1]")
-        if i and point.at <= data.mix[i - 1].at:
-            raise UserError(f"data.mix[{i}].at={point.at} must be greater than data.mix[{i - 1}].at="
-                            f"{data.mix[i - 1].at}")
-        if set(point.weights) != set(data.domains):
-            odd = sorted(set(point.weights) ^ set(data.domains))
-            raise UserError(f"data.mix[{i}].weights names {sorted(point.weights)} but data.domains has "
-                            f"{sorted(data.domains)} ({odd[0]!r} differs); give every domain a weight")
-        if any(w < 0 for w in point.weights.values()) or sum(point.weights.values()) <= 0:
-            raise UserError(f"data.mix[{i}].weights={dict(point.weights)} must be >= 0 with a positive sum")
+    """The shape of data.mix, at compose time, by the same rules MixSchedule applies."""
+    if data.mix:
+        normalise_mix([(p.at, dict(p.weights)) for p in data.mix], sorted(data.domains))
+
+
+def _finite_number(value: object) -> bool:
+    # bool is an int subclass; `true` as a weight is a YAML slip, not a weight of 1.
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def normalise_mix(points: list, domains: list[str]) -> list[tuple[float, tuple[float, ...]]]:
+    """data.mix points [(at, {domain: weight})] checked and normalised per point, weights in `domains` order.
+
+    Here, in the standard-library schema, so config validation and data.mixing.MixSchedule share one rule set.
+    """
+    key = "data.mix"
+    if not domains:
+        raise UserError(f"{key} needs at least one domain; list data.domains first")
+    if not points:
+        raise UserError(f"{key} is empty; give at least one point, e.g. [[0.0, {{{domains[0]}: 1.0}}]]")
+    out: list[tuple[float, tuple[float, ...]]] = []
+    for i, point in enumerate(points):
+        try:
+            at, weights = point
+        except (TypeError, ValueError):
+            raise UserError(f"{key}[{i}]={point!r} is not an [at, {{domain: weight}}] pair") from None
+        if not _finite_number(at) or not 0.0 <= float(at) <= 1.0:
+            raise UserError(f"{key}[{i}].at={at!r} is impossible; expected a fraction of training in [0, 1]")
+        at = float(at)
+        if i == 0 and at != 0.0:
+            raise UserError(f"{key}[0].at={at} must be 0.0 so the mix is defined from the first step")
+        if out and at <= out[-1][0]:
+            raise UserError(f"{key}[{i}].at={at} must be greater than {key}[{i - 1}].at={out[-1][0]}; "
+                            "list points in strictly increasing order")
+        if not isinstance(weights, dict):
+            raise UserError(f"{key}[{i}].weights={weights!r} must be a mapping {{domain: weight}}")
+        if set(weights) != set(domains):
+            odd = sorted(str(d) for d in set(weights) ^ set(domains))
+            raise UserError(f"{key}[{i}].weights names {sorted(map(str, weights))} but data.domains has {domains} "
+                            f"({odd[0]!r} differs); give every domain a weight (0 to skip it)")
+        for d in domains:
+            if not _finite_number(weights[d]) or float(weights[d]) < 0:
+                raise UserError(f"{key}[{i}].weights.{d}={weights[d]!r} is impossible; weights must be finite, "
+                                ">= 0 with a positive sum")
+        total = sum(float(weights[d]) for d in domains)
+        if total <= 0:
+            raise UserError(f"{key}[{i}].weights sum to {total}; weights must be >= 0 with a positive sum")
+        out.append((at, tuple(float(weights[d]) / total for d in domains)))
+    return out
 
 
 def check_moe_layout(m: MoEGPT2Config, n_layer: Optional[int]) -> None:
