@@ -25,8 +25,7 @@ from .tokenizer import (
     TextTokenizer,
     build_tokenizer,
     load_bpe_file,
-    load_gpt2,
-    load_pretrained,
+    load_named_tokenizer,
 )
 
 log = logging.getLogger(__name__)
@@ -109,10 +108,8 @@ def _load_cached(cfg: DataConfig, corpus: str) -> tuple[TextTokenizer, dict, dic
         if not os.path.exists(path):
             return None
         tokenizer = load_bpe_file(path)
-    elif cfg.tokenizer.name == "gpt2":
-        tokenizer = load_gpt2()
     else:
-        tokenizer = load_pretrained(cfg.tokenizer.name)
+        tokenizer = load_named_tokenizer(cfg.tokenizer)
     if tokenizer.fingerprint != tok_info["fingerprint"]:
         log.info("tokenizer %s changed since the corpus was cached; re-tokenizing", cfg.tokenizer.name)
         return None

@@ -243,8 +243,8 @@ def load_pretrained(name: str) -> TextTokenizer:
 
 
 def load_named_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
-    """A fixed tokenizer, as token shards need one: gpt2 (offline), a run's saved tokenizer/ folder, any
-    transformers tokenizer directory, or a hub name. name=bpe is trained per corpus, so it is refused."""
+    """Every tokenizer that is not trained per corpus: gpt2 (offline), a run's saved tokenizer/ folder, any
+    transformers tokenizer directory, or a hub name. name=bpe is refused: token shards need a fixed one."""
     if cfg.name == "bpe":
         raise UserError(BPE_WITH_SHARDS)
     if cfg.name == "gpt2":
@@ -262,6 +262,4 @@ def build_tokenizer(
         if train_texts is None:
             raise ValueError("name=bpe needs the training texts")
         return load_bpe(cache_dir, train_texts, cfg.vocab_size)
-    if cfg.name == "gpt2":
-        return load_gpt2(), None
-    return load_pretrained(cfg.name), None
+    return load_named_tokenizer(cfg), None
