@@ -92,10 +92,10 @@ class ShardSet:
         sizes = np.array([len(s.tokens) for s in self.shards], dtype=np.int64)
         self.shard_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # global start of each
         self.num_tokens = int(self.shard_offsets[-1])
-        # Every document start, as a global offset into the training token sequence.
+        # Every document start, as a global offset into the training token sequence (a finished index
+        # always lists at least one training shard).
         self.doc_starts = np.concatenate([s.doc_starts + off for s, off in zip(self.shards, self.shard_offsets,
-                                                                                  strict=False)] or [np.zeros(0)])
-        self.doc_starts = self.doc_starts.astype(np.int64)
+                                                                                  strict=False)])
 
     @property
     def tokenizer(self) -> dict:
