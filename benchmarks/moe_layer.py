@@ -12,8 +12,16 @@ runs on the same tokens; parameter gradients are reset to None before each step,
 zero_grad does. Repetitions interleave the variants, reversing their order every other repetition so drift
 on a shared machine hits all alike; each variant reports the median over repetitions after warmups.
 
-    python benchmarks/moe_layer.py [--reps 10] [--warmup 3] [--tokens 1024]
-    THP_MEM_ALLOC_ENABLE=0 python benchmarks/moe_layer.py   # default 4 KB-page allocations
+Allocator: by default glibc is told to serve large blocks from its heap and keep them when freed (mallopt
+M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, the role a GPU caching allocator plays). Otherwise every tensor above
+32 MB is a fresh mmap whose pages fault in and are zeroed on first touch: the MoE layer's two 75 MB expert
+weight gradients then cost ~8-13 ms per step each on this VM, which is memory-management time, not
+dispatch or compute. The setting applies to all variants alike (dense gets faster with it too);
+`--allocator default` measures without it. (PyTorch's THP_MEM_ALLOC_ENABLE=1, 2 MB pages, also cuts the
+fault cost, but on this VM it left the dense variant slower and erratic, medians 200-290 ms against ~190 ms,
+which flattered the ratios.)
+
+    python benchmarks/moe_layer.py [--reps 16] [--warmup 3] [--tokens 1024] [--allocator reuse|default]
 
 Last line: one JSON object with the ratios, the raw medians in ms and the targets.
 """
@@ -22,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,12 +39,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# PyTorch's switch for 2 MB-page CPU allocations; read once, at torch's first allocation, so it must be set
-# before the import. Without it every >32 MB tensor is a fresh mmap whose 4 KB pages fault in one by one:
-# ~15 ms per step for each of the two 75 MB expert-weight gradients on this VM, a cost dense (9 MB weights,
-# recycled by malloc) never pays. It applies to all variants alike; THP_MEM_ALLOC_ENABLE=0 measures without.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import torch
 from torch import nn
 
@@ -77,6 +79,16 @@ def loop_dispatch():
         moe_layer.grouped_expert_ffn = grouped
 
 
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep large freed blocks for reuse (see the module docstring). False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def step(module, hidden, upstream, loop: bool = False) -> float:
     for p in module.parameters():
         p.grad = None
@@ -93,10 +105,12 @@ def step(module, hidden, upstream, loop: bool = False) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--allocator", choices=["reuse", "default"], default="reuse")
     args = parser.parse_args()
+    allocator = "reuse" if args.allocator == "reuse" and reuse_freed_memory() else "default"
 
     torch.manual_seed(0)
     moe1 = MoEFeedForward(D_MODEL, D_FF, EXPERTS, topk=1).train()
@@ -138,7 +152,7 @@ def main() -> None:
         "speedup_vs_loop_top2": round(med["loop_top2"] / med["moe_top2"], 3),
         **{f"{name}_ms": round(ms, 2) for name, ms in med.items()},
         "tokens": args.tokens, "d_model": D_MODEL, "d_ff": D_FF, "num_experts": EXPERTS,
-        "threads": torch.get_num_threads(), "thp_mem_alloc": os.environ["THP_MEM_ALLOC_ENABLE"], "reps": args.reps,
+        "threads": torch.get_num_threads(), "allocator": allocator, "reps": args.reps,
         "targets": TARGETS,
     }
     print(json.dumps(result))
