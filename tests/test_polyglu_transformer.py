@@ -1,5 +1,7 @@
 """PolychromaticLM backbone: shapes, chunked loss, causality, document masking, GQA, norms, init, checkpointing,
-meta-device parameter count of the paper shape, and the flash-attn cu_seqlens helper (CPU only)."""
+meta-device parameter count of the paper shape, and the flash-attn varlen path (CPU only: its cu_seqlens helper,
+and the model's call into it against a plain reference of flash-attn 2's contract; the CUDA kernel itself
+needs a GPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models.polyglu.attention as attention_module
+import models.polyglu.transformer as transformer_module
 from models.polyglu.attention import cu_seqlens_from_document_ids, document_causal_mask
 from models.polyglu.ffn import SwiGLU
 from models.polyglu.layers import RMSNorm, _chunk_ce_sum, chunked_cross_entropy
@@ -182,6 +186,85 @@ def test_document_mask_and_cu_seqlens_helpers():
         full[s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
     for r in range(3):
         assert torch.equal(mask[r, 0], full[6 * r:6 * r + 6, 6 * r:6 * r + 6])
+
+
+def reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's `flash_attn_varlen_func` (same signature), computed plainly in fp32: each of the packed
+    sequences cu_seqlens[i]:cu_seqlens[i+1] attends only to itself; query head h reads KV head h // (Hq/Hkv).
+    The asserts are the kernel's own requirements, so a wrong call fails here as it would on CUDA."""
+    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[-1] == k.shape[-1] == v.shape[-1]
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and int(cu_seqlens_q[-1]) == q.shape[0] == k.shape[0]
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    assert max_seqlen_q == max_seqlen_k == max(lengths)  # the kernel sizes its grid from these
+    assert dropout_p == 0.0 and window_size == (-1, -1) and alibi_slopes is None and not return_attn_probs
+    hq, hkv = q.shape[1], k.shape[1]
+    assert hq % hkv == 0
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        qs = q[start:end].float().transpose(0, 1)  # [Hq, len, hd]
+        ks, vs = (z[start:end].float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1) for z in (k, v))
+        scores = qs @ ks.transpose(1, 2) * scale
+        if causal:
+            n = end - start
+            scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        out.append((scores.softmax(dim=-1) @ vs).transpose(0, 1))
+    return torch.cat(out).to(q.dtype)
+
+
+def test_flash_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
+    model = tiny_model(loss_chunk_tokens=7).to(torch.bfloat16)
+    ids = batch()
+    doc = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16])
+    _, sdpa_logits = model(ids, document_ids=doc)
+    sdpa_loss, _ = model(ids, document_ids=doc, labels=ids)
+    sdpa_loss.backward()
+    sdpa_grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return reference_flash_attn_varlen_func(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", spy)
+    _, flash_logits = model(ids, document_ids=doc)
+    assert len(calls) == L  # every layer took the varlen kernel, with the flattened batch's boundaries
+    assert calls[0]["cu_seqlens_q"].tolist() == [0, 5, 12, 16, 32] and calls[0]["max_seqlen_q"] == 16
+    assert calls[0]["causal"] is True
+    # bf16 both ways; the reference accumulates in fp32, SDPA on CPU in bf16: agree to bf16 rounding.
+    torch.testing.assert_close(flash_logits.float(), sdpa_logits.float(), atol=0.05, rtol=0.02)
+    flash_loss, _ = model(ids, document_ids=doc, labels=ids)
+    flash_loss.backward()
+    torch.testing.assert_close(flash_loss, sdpa_loss, atol=0.02, rtol=0.01)
+    for name, p in model.named_parameters():
+        g, ref = p.grad.float(), sdpa_grads[name]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-4, name
+
+    # Document masking holds on this path too: changing document 0 leaves documents 1 and 2 untouched.
+    changed = ids.clone()
+    changed[0, :5] = (changed[0, :5] + 1) % V
+    _, after = model(changed, document_ids=doc)
+    torch.testing.assert_close(after[0, 5:], flash_logits[0, 5:], rtol=0, atol=0)
+    assert not torch.equal(after[0, :5], flash_logits[0, :5])
+
+
+def test_flash_path_refuses_fp32_instead_of_dropping_document_masking(monkeypatch):
+    monkeypatch.setattr(transformer_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
+    with pytest.raises(RuntimeError, match="needs fp16/bf16"):
+        tiny_model()(batch(), document_ids=torch.zeros(2, T, dtype=torch.long))
+
+
+def test_flash_attention_is_only_chosen_on_cuda_in_half_precision():
+    x = torch.zeros(1, 2, D, dtype=torch.bfloat16)
+    assert not transformer_module.uses_flash_attention(x)  # CPU: the masked SDPA path, flash-attn or not
 
 
 def test_gqa_projection_sizes():

@@ -135,7 +135,7 @@ class PolychromaticTransformer(nn.Module):
             return ctx  # plain causal
         if document_ids.shape != x.shape[:2]:
             raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids {tuple(x.shape[:2])}")
-        if FLASH_ATTN_AVAILABLE and x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16):
+        if uses_flash_attention(x):
             ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_document_ids(document_ids)
         else:
             ctx.attn_mask = document_causal_mask(document_ids)
@@ -181,6 +181,12 @@ def _weight_of(obj) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor) and obj.dim() == 2:
         return obj
     return None
+
+
+def uses_flash_attention(x: torch.Tensor) -> bool:
+    """Whether document-masked attention on these activations goes through flash-attn's varlen kernel:
+    flash-attn imports, x is on CUDA and the projections will run in fp16/bf16 (the kernel's only dtypes)."""
+    return FLASH_ATTN_AVAILABLE and x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
