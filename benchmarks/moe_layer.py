@@ -23,7 +23,8 @@ which flattered the ratios.)
 
     python benchmarks/moe_layer.py [--reps 16] [--warmup 3] [--tokens 1024] [--allocator reuse|default]
 
-Last line: one JSON object with the ratios, the raw medians in ms and the targets.
+Last line: one JSON object with the ratios (of medians), the quartiles of the same ratios taken within each
+repetition (how far noise moves them), the raw medians in ms and the targets.
 """
 
 from __future__ import annotations
@@ -145,11 +146,19 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name in names:
         print(f"median {name:10s} {med[name]:8.1f} ms")
+    def paired_quartiles(name: str) -> list[float]:
+        # The same ratio taken within each repetition (its variants ran back to back): how much the headline
+        # ratio of medians can move on this machine. Needs >= 2 repetitions.
+        ratios = [a / b for a, b in zip(times[name], times["dense"], strict=True)]
+        return [round(q, 3) for q in statistics.quantiles(ratios, n=4)] if len(ratios) > 1 else []
+
     result = {
         "time_vs_dense_top1": round(med["moe_top1"] / med["dense"], 3),
         "time_vs_dense_top2": round(med["moe_top2"] / med["dense"], 3),
         "speedup_vs_loop_top1": round(med["loop_top1"] / med["moe_top1"], 3),
         "speedup_vs_loop_top2": round(med["loop_top2"] / med["moe_top2"], 3),
+        "paired_quartiles_top1": paired_quartiles("moe_top1"),
+        "paired_quartiles_top2": paired_quartiles("moe_top2"),
         **{f"{name}_ms": round(ms, 2) for name, ms in med.items()},
         "tokens": args.tokens, "d_model": D_MODEL, "d_ff": D_FF, "num_experts": EXPERTS,
         "threads": torch.get_num_threads(), "allocator": allocator, "reps": args.reps,
