@@ -35,7 +35,10 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", **extra})
+    # PYTHONFAULTHANDLER: if a launched run dies on a signal (a native abort at distributed teardown was
+    # seen once in CI), its stderr, which assert_ok prints, carries every thread's Python stack.
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+                **extra})
     return env
 
 
