@@ -13,9 +13,11 @@ import glob
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from itertools import chain, islice
 
 import numpy as np
@@ -68,6 +70,9 @@ def encode_flat(tokenizer: TextTokenizer, texts: list[str]) -> tuple[np.ndarray,
 
 def _init_worker(spec: tuple | None) -> None:
     global _WORKER_TOKENIZER
+    # Ctrl-C reaches the whole process group; the parent alone decides to stop (and then lets the batches in
+    # flight finish), so a worker interrupted mid-task can neither lose a batch nor break the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per core already: the tokenizer's own thread pool would only oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if spec is not None:  # spawned workers rebuild it; forked ones inherited the parent's
@@ -97,14 +102,22 @@ def encoded_batches(docs: Iterable[str], tokenizer: TextTokenizer, workers: int,
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     _WORKER_TOKENIZER = tokenizer if method == "fork" else None
     spec = None if method == "fork" else tokenizer.spec()
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+    # Not multiprocessing.Pool: leaving its `with` on an error or interrupt terminate()s workers, and one
+    # killed while holding the result queue's lock deadlocks Pool's own shutdown (seen in CI on an
+    # interrupted tokenization). The executor's shutdown waits for the batches in flight (at most
+    # 2 * workers) and cancels the rest, and a worker that dies fails the run instead of hanging it.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_worker,
+                               initargs=(spec,))
+    try:
         pending: deque = deque()
         for batch in _batched(docs, batch_docs):
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(pool.submit(_encode_in_worker, batch))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- shard assembly ----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 from pathlib import Path
@@ -144,6 +145,46 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
     assert files_of(cut) == files_of(tmp_path / "whole" / "text")
     again = tokenize_shards.tokenize_data(cfg)[0]  # a finished directory is left alone
     assert again["tokenized_now"] == 0 and files_of(cut) == files_of(tmp_path / "whole" / "text")
+
+
+POISON = "this document makes its batch fail"
+needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                                reason="the stand-in tokenizer reaches workers by fork only")
+
+
+class CharTokenizer:
+    """Stand-in tokenizer, one id per character (EOS 0); the POISON document fails its batch in the worker."""
+
+    eos_id = 0
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if POISON in texts:
+            raise ValueError("poisoned batch")
+        return [[ord(c) for c in t] for t in texts]
+
+
+@needs_fork
+@pytest.mark.timeout(120)
+def test_encoding_stopped_early_shuts_its_workers_down():
+    docs = (f"document {i} " * 20 for i in range(400))
+    batches = tokenize_shards.encoded_batches(docs, CharTokenizer(), workers=2, batch_docs=5)
+    flat, lengths = next(batches)
+    assert len(lengths) == 5 and flat[lengths[0] - 1] == 0
+    # What an interrupt or an error in the consumer does to the generator: it must return, with every worker
+    # gone. (multiprocessing.Pool's terminate() here once deadlocked on a worker killed holding a queue lock.)
+    batches.close()
+    assert multiprocessing.active_children() == []
+
+
+@needs_fork
+@pytest.mark.timeout(120)
+def test_a_batch_failing_in_a_worker_fails_the_run_instead_of_hanging():
+    docs = [f"doc {i}" for i in range(100)]
+    docs[37] = POISON
+    with pytest.raises(ValueError, match="poisoned batch"):
+        for _ in tokenize_shards.encoded_batches(iter(docs), CharTokenizer(), workers=2, batch_docs=5):
+            pass
+    assert multiprocessing.active_children() == []
 
 
 def test_token_budget_and_changed_settings(tmp_path):
