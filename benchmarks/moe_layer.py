@@ -146,6 +146,7 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name in names:
         print(f"median {name:10s} {med[name]:8.1f} ms")
+
     def paired_quartiles(name: str) -> list[float]:
         # The same ratio taken within each repetition (its variants ran back to back): how much the headline
         # ratio of medians can move on this machine. Needs >= 2 repetitions.
