@@ -46,6 +46,25 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    """What a SIGKILL mid-save leaves (no cleanup runs) goes at the next start; everything else stays."""
+    with monkeypatch.context() as killed:  # a killed process never reaches atomic_path's unlink
+        killed.setattr(Path, "unlink", lambda self, missing_ok=False: None)
+        with pytest.raises(KeyboardInterrupt), ckpt.atomic_path(tmp_path / "ckpt-step-2.pt") as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt
+    (tmp_path / "ckpt-step-2.deepspeed.tmp" / "state").mkdir(parents=True)
+    kept_files = ["ckpt-step-1.pt", ".gitignore", ".notes", "notes.tmp"]
+    for name in kept_files:
+        (tmp_path / name).write_bytes(b"keep")
+    (tmp_path / "ckpt-step-1.deepspeed").mkdir()
+
+    removed = ckpt.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == sorted([tmp.name, "ckpt-step-2.deepspeed.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept_files, "ckpt-step-1.deepspeed"])
+    assert ckpt.remove_stale_temporaries(tmp_path / "missing") == []
+
+
 def test_crash_before_rename_keeps_previous_version(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
     ckpt.atomic_write_bytes(target, b"old")

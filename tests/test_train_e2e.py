@@ -98,12 +98,18 @@ def test_resume_auto_picks_the_newest_valid_checkpoint(tmp_path, data_cache):
     newest = run_dir / "ckpt-step-4.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     (run_dir / "final-model.safetensors").unlink()
+    # ...and a SIGKILL mid-save, which runs no cleanup: the temporaries stay behind until the next start.
+    killed_save = run_dir / ".ckpt-step-4.pt.x7k2q.tmp"
+    killed_save.write_bytes(b"partial")
+    (run_dir / "ckpt-step-4.deepspeed.tmp" / "state").mkdir(parents=True)
 
     refused = tiny_run(tmp_path, data_cache, *args, name="auto")
     assert refused.returncode == 2 and "run.resume=auto" in refused.stderr
 
     result = tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="auto")
     assert_ok(result)
+    assert not killed_save.exists() and not (run_dir / "ckpt-step-4.deepspeed.tmp").exists()
+    assert "interrupted save" in result.stdout + result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("ckpt-step-2.pt")
     assert_same_weights(reference, run_dir / "final-model.safetensors")

@@ -106,6 +106,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         handle.flush()
 
 
+# atomic_path's temporaries (".<final name>.<random>.tmp") and the DeepSpeed engine's staging directories.
+_TEMPORARY_FILE = re.compile(r"^\..+\.tmp$")
+_STAGING_DIR = re.compile(r"^ckpt-step-\d+\.deepspeed\.tmp$")
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what saves killed mid-write left in `run_dir`; returns what was removed.
+
+    A clean failure removes its own temporary, but SIGKILL, OOM kills and pre-emption do not run cleanup,
+    and a half-written checkpoint of a large model is gigabytes nobody will ever read. Call it once at the
+    start of a run, before anything saves, from one process only.
+    """
+    directory = Path(run_dir)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_file() and _TEMPORARY_FILE.match(entry.name):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and not entry.is_symlink() and _STAGING_DIR.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
+    if removed:
+        log.warning("removed %d partial file(s) left in %s by an interrupted save: %s", len(removed), directory,
+                    ", ".join(path.name for path in removed))
+    return removed
+
+
 def _json_default(value: Any) -> Any:
     # Metrics often arrive as 0-dim tensors or numpy scalars; both expose .item().
     if hasattr(value, "item") and callable(value.item):

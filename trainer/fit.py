@@ -59,6 +59,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_from = resume_path(cfg, run_dir)
+    if engine.is_main:
+        ckpt.remove_stale_temporaries(run_dir)
     config_dict = asdict(cfg)
 
     seed_everything(cfg.run.seed)
