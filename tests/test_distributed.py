@@ -8,13 +8,14 @@ weights must match a single-process run, which pins both the data sharding and t
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ok, free_port, tiny_run
+from tests.conftest import ROOT, assert_ok, clean_env, free_port, tiny_run
 from tests.test_train_e2e import assert_same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -137,3 +138,31 @@ def test_ddp_with_a_mix_schedule_reads_the_global_mix_of_one_process(tmp_path, d
     assert shares("ddp-mix") == shares("single-mix") and len(shares("single-mix")) == 4
     ckpt = torch.load(tmp_path / "ddp-mix" / "ckpt-step-4.pt", map_location="cpu", weights_only=True)
     assert ckpt["data_state"]["kind"] == "mixed" and sum(ckpt["data_state"]["cursor"].values()) == 4 * 2 * 2
+
+
+TEARDOWN_PROBE = """
+import json, torch, torch.distributed as dist
+from deepspeed.utils import groups
+from trainer.engines.deepspeed import DeepSpeedEngine
+from trainer.schema import HardwareConfig, TrainConfig
+engine = DeepSpeedEngine(HardwareConfig(device="cpu", engine="deepspeed"))
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters())
+engine.setup(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+             TrainConfig(batch_size=1, grad_accum_steps=1))
+state = lambda: {"deepspeed_world_group": groups._WORLD_GROUP is not None, "torch_initialized": dist.is_initialized()}
+before = state()
+engine.close()
+print(json.dumps({"before": before, "after": state()}))
+"""
+
+
+def test_deepspeed_close_releases_the_process_groups_deepspeed_holds():
+    """torch's destroy_process_group alone leaves DeepSpeed's module-global groups (and their gloo threads)
+    to be destroyed during interpreter shutdown; close() must hand them back while Python is alive."""
+    result = subprocess.run([sys.executable, "-c", TEARDOWN_PROBE], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["before"] == {"deepspeed_world_group": True, "torch_initialized": True}
+    assert report["after"] == {"deepspeed_world_group": False, "torch_initialized": False}

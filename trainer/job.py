@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def run_job(cfg: DictConfig) -> dict:
     from trainer.fit import describe_outputs, train
 
     summary = train(config, run_dir)
+    # The run's objects are garbage now, some of it cyclic (ZeRO hangs its process group on every parameter).
+    # Collect it here, while the interpreter is whole: left to shutdown, a process group's gloo threads are
+    # torn down during interpreter finalization, a known source of aborts at exit after a finished run.
+    gc.collect()
     if is_main:
         print(describe_outputs(summary), flush=True)
     return summary

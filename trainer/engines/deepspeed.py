@@ -112,6 +112,19 @@ class DeepSpeedEngine(DistributedEngine):
             os.replace(staging, final)
         self.barrier()
 
+    def close(self) -> None:
+        # DeepSpeed's own teardown, not just torch's: deepspeed.comm also drops the process groups that
+        # deepspeed.utils.groups keeps in module globals, and the engine lets go of its ZeRO buffers.
+        # torch's destroy_process_group alone leaves those groups (and their gloo threads) alive until
+        # interpreter shutdown, where destroying them is a known source of aborts at exit.
+        import deepspeed.comm
+
+        if getattr(self, "ds", None) is not None:
+            self.ds.destroy()
+            self.ds = self.forward_module = None
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+
     def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
         from trainer.schema import UserError
 
