@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from trainer.atomic_files import atomic_path
 
 
 def digest(*parts: Any) -> str:
@@ -26,21 +24,6 @@ def text_digest(texts: list[str], *extra: Any) -> str:
         h.update(len(data).to_bytes(8, "little"))  # length prefix: ["ab","c"] != ["a","bc"]
         h.update(data)
     return h.hexdigest()[:20]
-
-
-@contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success move it into place in one os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by other users' runs
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_array(path: str, array: np.ndarray) -> None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.atomic_files import atomic_path
 from trainer.schema import UserError
 
-from .cache import atomic_path, load_json, save_json
+from .cache import load_json, save_json
 from .packing import PackedBlocks, pack
 
 FORMAT_VERSION = 1

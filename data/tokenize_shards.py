@@ -23,6 +23,7 @@ from itertools import chain, islice
 import numpy as np
 from tqdm import tqdm
 
+from trainer.atomic_files import remove_temporaries
 from trainer.schema import DataConfig, UserError
 
 from . import hub, shards, sources
@@ -185,8 +186,7 @@ class ShardBuilder:
 def _clean_stale(directory: str, index: dict) -> None:
     """Temporary files of an interrupted write, and shard files renamed into place but never indexed."""
     listed = {e["name"] for e in index["train"]} | ({index["eval"]["name"]} if index["eval"] else set())
-    for path in glob.glob(os.path.join(directory, ".tmp-*")):
-        os.unlink(path)
+    remove_temporaries(directory)
     for path in glob.glob(os.path.join(directory, "*.bin")) + glob.glob(os.path.join(directory, "*.docs.npy")):
         if os.path.basename(path).split(".")[0] not in listed:
             os.unlink(path)

@@ -10,9 +10,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from trainer.atomic_files import atomic_path
 from trainer.schema import BPE_WITH_SHARDS, TokenizerConfig, UserError
 
-from .cache import atomic_path, text_digest
+from .cache import text_digest
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def load_bpe(cache_dir: str, train_texts: list[str], vocab_size: int) -> tuple[T
     log.info("training a byte-level BPE (vocab %d) on %d documents", vocab_size, len(train_texts))
     backend = train_bpe(train_texts, vocab_size)
     with atomic_path(path) as tmp:
-        backend.save(tmp)
+        backend.save(str(tmp))  # the Rust binding takes str, not a Path
     return TextTokenizer("bpe", backend=backend), path
 
 

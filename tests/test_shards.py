@@ -124,7 +124,8 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
     def dying_write(directory, name, tokens, lengths):
         calls.append(name)
         if len(calls) == 4:  # eval + 2 training shards done; die while writing the third
-            with open(os.path.join(directory, ".tmp-half-written.bin"), "wb") as f:
+            # what atomic_path leaves when the process is killed mid-write
+            with open(os.path.join(directory, f".{name}.bin.k1ll3d.tmp"), "wb") as f:
                 f.write(b"partial")
             raise KeyboardInterrupt
         return real_write(directory, name, tokens, lengths)

@@ -7,21 +7,19 @@ Full checkpoints are read with `weights_only=True`: they may only hold tensors a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
 from trainer.schema import UserError
 
 log = logging.getLogger(__name__)
@@ -55,85 +53,28 @@ _ST_ALIASES_KEY = "trainer_aliases"
 _SAFE_LEAF_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.Size, torch.dtype, torch.device)
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms (Windows) that cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; once the block finishes, the file becomes `path` atomically.
-
-    The temporary name starts with a dot so globs such as `ckpt-step-*.pt` never see a half-written file.
-    If the block (or the rename) raises, the temporary file is removed and any previous `path` is intact.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # fsync through a fresh descriptor: writers (torch.save, safetensors) close their own, and
-        # fsync flushes the file's pages whichever descriptor wrote them.
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Without this the rename itself may be lost on power failure, leaving the old file (or none).
-    _fsync_directory(final.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-
-
-# atomic_path's temporaries (".<final name>.<random>.tmp") and the DeepSpeed engine's staging directories.
-_TEMPORARY_FILE = re.compile(r"^\..+\.tmp$")
+# atomic_path's temporaries are swept by trainer.atomic_files; this is the DeepSpeed engine's staging
+# directory (trainer/engines/deepspeed.py: `staging_dir`), renamed into place once every rank has written.
 _STAGING_DIR = re.compile(r"^ckpt-step-\d+\.deepspeed\.tmp$")
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     """Delete what saves killed mid-write left in `run_dir`; returns what was removed.
 
-    A clean failure removes its own temporary, but SIGKILL, OOM kills and pre-emption do not run cleanup,
-    and a half-written checkpoint of a large model is gigabytes nobody will ever read. Call it once at the
+    A half-written checkpoint of a large model is gigabytes nobody will ever read. Call it once at the
     start of a run, before anything saves, from one process only.
     """
     directory = Path(run_dir)
-    if not directory.is_dir():
-        return []
-    removed = []
-    for entry in sorted(directory.iterdir()):
-        if entry.is_file() and _TEMPORARY_FILE.match(entry.name):
-            entry.unlink(missing_ok=True)
-        elif entry.is_dir() and not entry.is_symlink() and _STAGING_DIR.match(entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            continue
-        removed.append(entry)
+    removed = remove_temporaries(directory)
+    if directory.is_dir():
+        for entry in sorted(directory.iterdir()):
+            if entry.is_dir() and not entry.is_symlink() and _STAGING_DIR.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
     if removed:
         log.warning("removed %d partial file(s) left in %s by an interrupted save: %s", len(removed), directory,
-                    ", ".join(path.name for path in removed))
-    return removed
+                    ", ".join(path.name for path in sorted(removed)))
+    return sorted(removed)
 
 
 def _json_default(value: Any) -> Any:
@@ -334,7 +275,7 @@ def prune_full_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> list
         path.unlink(missing_ok=True)
         shutil.rmtree(path.with_suffix(".deepspeed"), ignore_errors=True)
     if doomed:
-        _fsync_directory(Path(run_dir))
+        fsync_directory(Path(run_dir))
     return doomed
 
 

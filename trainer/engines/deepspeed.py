@@ -25,6 +25,13 @@ def native_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt-step-{step}.deepspeed"
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where ranks write a save before it is renamed to `native_dir`; a killed save's leftover is removed by
+    trainer.checkpoint.remove_stale_temporaries, whose pattern matches this name."""
+    final = native_dir(run_dir, step)
+    return final.with_name(final.name + ".tmp")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,8 +106,7 @@ class DeepSpeedEngine(DistributedEngine):
                 "scheduler_state_dict": self.scheduler.state_dict()}
 
     def save_native(self, run_dir, step: int) -> None:
-        final = native_dir(run_dir, step)
-        staging = final.with_name(final.name + ".tmp")
+        final, staging = native_dir(run_dir, step), staging_dir(run_dir, step)
         if self.is_main and staging.exists():
             shutil.rmtree(staging)
         self.barrier()
