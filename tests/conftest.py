@@ -49,15 +49,28 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, launc
                           timeout=timeout)
 
 
+def tiny_args(tmp_path: Path, data_cache: Path, *overrides: str, name: str | None = "run",
+              model_sizes: list[str] = TINY_GPT2) -> list[str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    flags = [o for o in overrides if o.startswith("--")]  # argparse wants --multirun before the overrides
+    return [*flags, *model_sizes, *TINY, f"data.cache_dir={data_cache}", f"run.output_dir={tmp_path}",
+            *([f"run.name={name}"] if name else []), *(o for o in overrides if not o.startswith("--"))]
+
+
 def tiny_run(tmp_path: Path, data_cache: Path, *overrides: str, name: str | None = "run",
              model_sizes: list[str] = TINY_GPT2, **kwargs):
     """Run trainer/run.py tiny; name=None keeps the default run name (the preset's). model_sizes: the
     tiny sizes of the family under test (GPT-2's by default; later overrides win)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    flags = [o for o in overrides if o.startswith("--")]  # argparse wants --multirun before the overrides
-    args = [*flags, *model_sizes, *TINY, f"data.cache_dir={data_cache}", f"run.output_dir={tmp_path}",
-            *([f"run.name={name}"] if name else []), *(o for o in overrides if not o.startswith("--"))]
+    args = tiny_args(tmp_path, data_cache, *overrides, name=name, model_sizes=model_sizes)
     return run_cli(args, cwd=tmp_path, **kwargs)
+
+
+def start_tiny_run(tmp_path: Path, data_cache: Path, *overrides: str, name: str = "run",
+                   launcher: list[str] | None = None) -> subprocess.Popen:
+    """tiny_run in the background, for tests that signal a run while it trains."""
+    args = tiny_args(tmp_path, data_cache, *overrides, name=name)
+    return subprocess.Popen([*(launcher or [sys.executable]), RUN, *args], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

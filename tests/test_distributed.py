@@ -8,14 +8,18 @@ weights must match a single-process run, which pins both the data sharding and t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_ok, clean_env, free_port, tiny_run
+from tests.conftest import ROOT, assert_ok, clean_env, free_port, start_tiny_run, tiny_run
+from tests.test_stop_signals import wait_for_training
 from tests.test_train_e2e import assert_same_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -166,3 +170,50 @@ def test_deepspeed_close_releases_the_process_groups_deepspeed_holds():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["before"] == {"deepspeed_world_group": True, "torch_initialized": True}
     assert report["after"] == {"deepspeed_world_group": False, "torch_initialized": False}
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The torchrun worker of `rank`: a child of the launcher whose environment says RANK=<rank>."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_ddp_stops_every_process_at_the_same_update_when_one_is_signalled(tmp_path, data_cache):
+    """Only rank 1 gets SIGTERM. Rank 0 must learn of it at the same update, or the save below would hang on
+    a collective one rank never joins."""
+    args = ["train.max_steps=40", "train.eval_every=10", "checkpoint.save_every=1000", "train.log_every=1",
+            "train.batch_size=1"]
+    run_dir = tmp_path / "ddp-stop"
+    process = start_tiny_run(tmp_path, data_cache, *args, name="ddp-stop", launcher=torchrun())
+    wait_for_training(run_dir, process)
+    rank1 = worker_pid(process.pid, rank=1)
+    assert rank1 is not None
+    os.kill(rank1, signal.SIGTERM)
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    finally:  # a hang (ranks disagreeing about the stop) must not outlive the test
+        if process.poll() is None:
+            process.kill()
+            subprocess.run(["pkill", "-KILL", "-f", str(run_dir)], check=False)
+
+    assert process.returncode != 0  # torchrun reports the workers' 143 as a failure: the run is unfinished
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped_at = summary["final_step"]
+    assert summary["status"] == "interrupted" and stopped_at < 40, (summary, stderr[-3000:])
+    assert summary["stop_reason"].startswith(f"a stop signal sent to another process at step {stopped_at}")
+    checkpoint = torch.load(run_dir / f"ckpt-step-{stopped_at}.pt", map_location="cpu", weights_only=True)
+    assert len(checkpoint["rng_states_by_rank"]) == 2  # both processes took part in the save
+
+    assert_ok(tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="ddp-stop", launcher=torchrun()))
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert (resumed["status"], resumed["final_step"]) == ("completed", 40)

@@ -17,6 +17,7 @@ from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import restore_rng_state, seed_everything
 from trainer.schema import Config, UserError
+from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -109,26 +110,31 @@ def train(cfg: Config, run_dir: Path) -> dict:
         log.info("model %s: %.2fM parameters; engine %s on %s (%s), world size %d", model.architecture()["family"],
                  n_params / 1e6, engine.name, engine.device, cfg.hardware.precision, engine.world_size)
 
-    loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, config_dict, state)
-    try:
-        state = loop.run()
-    finally:
-        tracker_mode = tracker.wandb_mode
-        summary = {
-            "run_name": cfg.run.name, "preset": cfg.run.preset, "mode": model.architecture()["family"],
-            "status": "stopped_early" if state.stop_reason else
-                      ("completed" if state.step >= cfg.train.max_steps else "interrupted"),
-            "stop_reason": state.stop_reason, "final_step": state.step, "max_steps": cfg.train.max_steps,
-            "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss,
-            "final_eval": state.last_eval, "resumed_from": str(start_from) if start_from else None,
-            "wall_time_s": time.time() - started, "wandb_mode": tracker_mode, "run_dir": str(run_dir),
-            "world_size": engine.world_size, "engine": engine.name,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
-        }
-        if engine.is_main:
-            tracker.write_summary(summary)
-        tracker.close()
-        engine.close()
+    # From here on SIGTERM or Ctrl-C stops the run at the next update, with a checkpoint (trainer/stop_signals.py).
+    with StopSignals() as stop_signals:
+        loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, config_dict, state,
+                            stop_signals=stop_signals)
+        try:
+            state = loop.run()
+        finally:
+            tracker_mode = tracker.wandb_mode
+            summary = {
+                "run_name": cfg.run.name, "preset": cfg.run.preset, "mode": model.architecture()["family"],
+                "status": "interrupted" if state.stopped_by_signal else "stopped_early" if state.stop_reason else
+                          ("completed" if state.step >= cfg.train.max_steps else "interrupted"),
+                "stop_reason": state.stop_reason, "final_step": state.step, "max_steps": cfg.train.max_steps,
+                "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss,
+                "final_eval": state.last_eval, "resumed_from": str(start_from) if start_from else None,
+                "wall_time_s": time.time() - started, "wandb_mode": tracker_mode, "run_dir": str(run_dir),
+                "world_size": engine.world_size, "engine": engine.name,
+                "n_parameters": sum(p.numel() for p in model.parameters()),
+            }
+            if engine.is_main:
+                tracker.write_summary(summary)
+            tracker.close()
+            engine.close()
+    if state.stopped_by_signal:
+        summary["exit_code"] = stop_signals.exit_code  # for run.py, after summary.json is written
     return summary
 
 

@@ -34,4 +34,8 @@ def run_job(cfg: DictConfig) -> dict:
     gc.collect()
     if is_main:
         print(describe_outputs(summary), flush=True)
+    if "exit_code" in summary:
+        # Stopped by SIGTERM/Ctrl-C with a checkpoint: exit as a shell reports that signal (143, 130), so a
+        # job script or a --multirun sweep sees the run is unfinished and does not go on as if it were.
+        raise SystemExit(summary["exit_code"])
     return summary

@@ -15,6 +15,7 @@ from eval.perplexity import evaluate
 from trainer import checkpoint as ckpt
 from trainer.callbacks import CallbackList
 from trainer.rng import capture_rng_state
+from trainer.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class LoopState:
     best_eval_loss: float = math.inf
     last_eval: dict[str, float] = field(default_factory=dict)
     stop_reason: str | None = None
+    stopped_by_signal: bool = False  # a pre-emption or Ctrl-C stop: the run is unfinished, not done
 
     def to_checkpoint(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "best_eval_loss": self.best_eval_loss,
@@ -40,8 +42,9 @@ class LoopState:
 
 class TrainingLoop:
     def __init__(self, cfg, engine, stream, eval_sets, tracker, callbacks: CallbackList, run_dir: Path,
-                 config_dict: dict, state: LoopState | None = None):
+                 config_dict: dict, state: LoopState | None = None, stop_signals: StopSignals | None = None):
         self.cfg, self.engine, self.stream, self.eval_sets = cfg, engine, stream, eval_sets
+        self.stop_signals = stop_signals
         self.tracker, self.callbacks, self.run_dir = tracker, callbacks, run_dir
         self.config_dict = config_dict
         self.state = state or LoopState()
@@ -50,7 +53,8 @@ class TrainingLoop:
         self.last_saved_step = self.state.step
 
     # -- one optimizer update ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> tuple[dict[str, float], bool]:
+        """One update; returns its metrics and whether any process has been asked to stop (see StopSignals)."""
         engine, accum = self.engine, self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
@@ -66,10 +70,14 @@ class TrainingLoop:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
         grad_norm = engine.optimizer_step()
-        # One reduction for all scalars: logged values are means over micro-batches and processes.
+        # One reduction for all scalars: logged values are means over micro-batches and processes. It also
+        # carries this process's stop flag, so every process learns of a signal any one of them got, at the
+        # same update, without a collective of its own.
         keys = [k for k in sums if sums[k].numel() == 1]
         stacked = torch.stack([sums[k].reshape(()) for k in keys]) / (accum * engine.world_size)
-        stacked = engine.all_reduce_sum(stacked).cpu()
+        asked_to_stop = self.stop_signals is not None and self.stop_signals.received is not None
+        stacked = engine.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([float(asked_to_stop)])])).cpu()
+        stacked, stop_votes = stacked[:-1], float(stacked[-1])
         metrics = {k: float(v) for k, v in zip(keys, stacked, strict=False)}
         for key in sums:  # per-expert vectors and the like: this process's view, logged element-wise
             if key not in metrics:
@@ -77,7 +85,7 @@ class TrainingLoop:
                     metrics[f"{key}/{i}"] = v
         metrics["train/grad_norm"] = grad_norm
         metrics.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
-        return metrics
+        return metrics, stop_votes > 0
 
     # -- the whole run -------------------------------------------------------------------------------
     def run(self) -> LoopState:
@@ -91,7 +99,7 @@ class TrainingLoop:
         window_tokens, window_start = 0, time.perf_counter()
         while state.step < cfg.train.max_steps and state.stop_reason is None:
             lr = engine.lr()
-            metrics = self.train_step()
+            metrics, signalled = self.train_step()
             state.step += 1
             state.tokens_seen += self.tokens_per_step
             window_tokens += self.tokens_per_step
@@ -111,9 +119,20 @@ class TrainingLoop:
             final = state.step == cfg.train.max_steps or state.stop_reason is not None
             if state.step % cfg.train.eval_every == 0 or final:
                 self._eval()
+            if signalled and state.stop_reason is None and state.step < cfg.train.max_steps:
+                # The grace period before SIGKILL is short: save what resume needs and stop. No final
+                # snapshot or figures (the run is not finished); an eval that was due has run above, so
+                # the resumed run's metrics match an uninterrupted one's.
+                received = self.stop_signals.received or "a stop signal sent to another process"
+                state.stop_reason = f"{received} at step {state.step}: checkpoint saved, continue with run.resume=auto"
+                state.stopped_by_signal = True
+                self.save_checkpoint()
+                break
             if state.step % cfg.checkpoint.save_every == 0 or (final and cfg.checkpoint.save_final):
                 self.save_checkpoint()
         bar.close()
+        if state.stopped_by_signal:
+            return state
         if cfg.checkpoint.save_final:
             self._save_snapshot("final-model")
         if engine.is_main:
