@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from tests.conftest import assert_ok, start_tiny_run, tiny_run
 from tests.test_train_e2e import assert_same_weights, metrics
 from trainer.stop_signals import StopSignals
 
+# Handlers can only be installed from the main thread; elsewhere the os.kill calls below would end pytest.
+in_main_thread = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                    reason="signal handlers need the main thread")
 
+
+@in_main_thread
 def test_first_signal_only_raises_the_flag_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopSignals() as stop:
@@ -28,6 +34,7 @@ def test_first_signal_only_raises_the_flag_and_handlers_are_restored():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+@in_main_thread
 def test_ctrl_c_alone_reports_its_own_exit_code():
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
