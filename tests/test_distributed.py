@@ -92,11 +92,22 @@ def test_ddp_trains_the_moe_family_like_one_process(tmp_path, data_cache):
     """Experts that get no tokens on a rank still take part in the reduction. Noise off and lb_coef 0:
     the load-balancing loss is a product of per-rank statistics, so it is the one term DDP does not
     average into the single-process value; everything else must match."""
-    moe = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4", "model.noise_std=0", "model.lb_coef=0"]
+    moe = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4", "model.noise_std=0", "model.lb_coef=0",
+           "train.log_router_every=1"]
     assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, "train.batch_size=2", name="single"))
     assert_ok(tiny_run(tmp_path, data_cache, *STEPS, *moe, "train.batch_size=1", name="ddp", launcher=torchrun()))
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["engine"] == "ddp"
     assert_close_weights(tmp_path / "ddp" / "final-model.safetensors", tmp_path / "single" / "final-model.safetensors")
+    # Routing statistics are global, not one process's view: the collapse detector judges them on every
+    # rank, and ranks judging different numbers would stop at different steps and hang the run.
+    def fractions(run: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if "/fraction/" in k} for r in rows if "train/loss" in r]
+
+    single, ddp = fractions("single"), fractions("ddp")
+    assert single and all(single) and len(single) == len(ddp)
+    for a, b in zip(single, ddp, strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in a), (a, b)
 
 
 def test_ddp_with_dropout_resumes_bit_identically(tmp_path, data_cache):

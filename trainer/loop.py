@@ -70,19 +70,23 @@ class TrainingLoop:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
         grad_norm = engine.optimizer_step()
-        # One reduction for all scalars: logged values are means over micro-batches and processes. It also
-        # carries this process's stop flag, so every process learns of a signal any one of them got, at the
-        # same update, without a collective of its own.
-        keys = [k for k in sums if sums[k].numel() == 1]
-        stacked = torch.stack([sums[k].reshape(()) for k in keys]) / (accum * engine.world_size)
+        # One reduction for everything logged, scalars and per-expert vectors alike: values are means over
+        # micro-batches and processes. Every process thus sees the same metrics, so callbacks that stop the
+        # run on them (collapse, non-finite loss) decide the same on every rank; a rank that stopped alone
+        # would leave the others waiting in a collective forever. The reduction also carries this process's
+        # stop flag, so every process learns of a signal any one of them got, at the same update.
+        keys = list(sums)
+        flat = [sums[k].reshape(-1) for k in keys]
+        stacked = torch.cat(flat) / (accum * engine.world_size)
         asked_to_stop = self.stop_signals is not None and self.stop_signals.received is not None
         stacked = engine.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([float(asked_to_stop)])])).cpu()
         stacked, stop_votes = stacked[:-1], float(stacked[-1])
-        metrics = {k: float(v) for k, v in zip(keys, stacked, strict=False)}
-        for key in sums:  # per-expert vectors and the like: this process's view, logged element-wise
-            if key not in metrics:
-                for i, v in enumerate((sums[key] / accum).flatten().tolist()):
-                    metrics[f"{key}/{i}"] = v
+        metrics: dict[str, float] = {}
+        for key, values in zip(keys, stacked.split([f.numel() for f in flat]), strict=True):
+            if sums[key].numel() == 1:
+                metrics[key] = float(values)
+            else:  # per-expert fractions and the like, logged element-wise
+                metrics.update({f"{key}/{i}": v for i, v in enumerate(values.tolist())})
         metrics["train/grad_norm"] = grad_norm
         metrics.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
         return metrics, stop_votes > 0
