@@ -70,6 +70,41 @@ def test_warmup_cosine_follows_max_steps():
     assert restored.get_last_lr() == scheduler.get_last_lr() == [pytest.approx(warmup_cosine(30, 100, 10, 0.0))]
 
 
+def _stepped_schedule(total_steps: int, steps: int, lr: float = 1.0) -> WarmupCosine:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+    scheduler = WarmupCosine(optimizer, total_steps=total_steps, warmup_fraction=0.0, warmup_steps=2)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return scheduler
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_and_says_so(caplog):
+    """A run of 24 steps has decayed to lr 0; resumed with train.max_steps=32 it must not train on at 0."""
+    finished = _stepped_schedule(total_steps=24, steps=24)
+    assert finished.get_last_lr() == [pytest.approx(0.0)]
+    optimizer_state = finished.optimizer.state_dict()
+
+    extended = _stepped_schedule(total_steps=32, steps=0, lr=2.0)
+    extended.optimizer.load_state_dict(optimizer_state)  # brings back the old schedule's lr 0, as a resume does
+    with caplog.at_level("WARNING", logger="trainer.optim"):
+        extended.load_state_dict(finished.state_dict())
+    expected = 2.0 * warmup_cosine(24, 32, 2, 0.0)
+    assert extended.last_epoch == 24 and expected > 0.1
+    assert extended.get_last_lr() == [pytest.approx(expected)]
+    assert extended.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert "train.max_steps 24 -> 32" in caplog.text and "optim.learning_rate 1.0 -> 2.0" in caplog.text
+    extended.optimizer.step()
+    extended.step()
+    assert extended.get_last_lr() == [pytest.approx(2.0 * warmup_cosine(25, 32, 2, 0.0))]
+
+    caplog.clear()
+    same = _stepped_schedule(total_steps=24, steps=0)
+    with caplog.at_level("WARNING", logger="trainer.optim"):
+        same.load_state_dict(finished.state_dict())
+    assert caplog.text == "" and same.get_last_lr() == finished.get_last_lr()
+
+
 def test_non_finite_guard_stops_on_nan_train_or_eval_loss():
     callbacks = CallbackList([NonFiniteLossGuard()])
     assert callbacks.on_step_end(3, {"train/loss": 2.0}) is None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,8 +34,8 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine to min_ratio at total_steps (never recomputed on resume:
-    the scheduler's state carries the position)."""
+    """LR multiplier: linear warmup to 1, then cosine to min_ratio at total_steps (on resume the scheduler's
+    state carries the position; the shape comes from the resumed run's config)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -55,7 +58,39 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         return {k: v for k, v in super().state_dict().items() if k != "lr_lambdas"}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue at the saved step, on the schedule this run is configured with.
+
+        The saved shape (total steps, warmup, floor, peak lr) is not restored over the configured one:
+        a run resumed with a larger train.max_steps would otherwise keep the old cosine, which has already
+        reached its floor, and train on at lr 0 without a word. A changed schedule is named in a warning.
+        """
+        configured = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                      "min_ratio": self.min_ratio, "base_lrs": list(self.base_lrs)}
         super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        saved_lr = self.get_last_lr()[0]
+        changed = [f"{_CONFIG_KEYS[k]} {_short(state_dict[k])} -> {_short(v)}" for k, v in configured.items()
+                   if k in state_dict and state_dict[k] != v]
+        self.__dict__.update(configured)
+        self.sync_optimizer_lr()
+        if changed:
+            log.warning("resuming at step %d with another lr schedule than the checkpoint's (%s): the learning "
+                        "rate follows this run's config, %.3g -> %.3g now", self.last_epoch, "; ".join(changed),
+                        saved_lr, self.get_last_lr()[0])
+
+    def sync_optimizer_lr(self) -> None:
+        """Set every group's lr to the schedule's value at the current step (after an optimizer state load,
+        which brings back the lr the checkpoint's schedule had)."""
+        self._last_lr = [base * self._multiplier(self.last_epoch) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+
+_CONFIG_KEYS = {"total_steps": "train.max_steps", "warmup_steps": "optim.warmup_steps/warmup_fraction",
+                "min_ratio": "optim.min_lr_ratio", "base_lrs": "optim.learning_rate"}
+
+
+def _short(value):
+    return value[0] if isinstance(value, list) and len(set(value)) == 1 else value
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> WarmupCosine:

@@ -140,3 +140,4 @@ class DeepSpeedEngine(DistributedEngine):
                             "resume from another checkpoint or with the engine that wrote it")
         self.ds.load_checkpoint(str(directory), tag=NATIVE_TAG, load_optimizer_states=True,
                                 load_lr_scheduler_states=True)
+        self.scheduler.sync_optimizer_lr()  # the ZeRO optimizer state may load after the scheduler's
