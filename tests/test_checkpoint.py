@@ -121,10 +121,16 @@ def test_missing_and_foreign_files_are_refused(tmp_path):
 
 def test_mode_and_architecture_mismatch_is_refused(tmp_path):
     path = ckpt.save_full_checkpoint(tmp_path, 50, _payload(50))
-    with pytest.raises(UserError, match="trained with mode=dense but this run is mode=moe"):
+    # Each refusal names the override that would match the checkpoint (real config keys, not its field names).
+    with pytest.raises(UserError, match="trained with mode=dense but this run is mode=moe; resume it with "
+                                        "model=dense, or start a fresh run with another run.name"):
         ckpt.load_full_checkpoint(path, expected={"mode": "moe"})
-    with pytest.raises(UserError, match="architecture.n_layer=2 but this run is architecture.n_layer=4"):
+    with pytest.raises(UserError, match="architecture.n_layer=2 but this run is architecture.n_layer=4; "
+                                        "resume it with model.n_layer=2,"):
         ckpt.load_full_checkpoint(path, expected={"architecture": {"n_layer": 4, "n_embd": 8}})
+    moe_path = ckpt.save_full_checkpoint(tmp_path / "moe", 50, _payload(50, architecture={"moe_layers": [8, 9]}))
+    with pytest.raises(UserError, match=r"resume it with model.moe_layers=\[8,9\],"):
+        ckpt.load_full_checkpoint(moe_path, expected={"architecture": {"moe_layers": [10, 11]}})
     with pytest.raises(UserError, match="architecture.n_experts"):
         ckpt.load_full_checkpoint(path, expected={"architecture": {"n_layer": 2, "n_embd": 8, "n_experts": 8}})
 

@@ -93,6 +93,15 @@ def test_shakedown_preset_has_the_seed_values():
     assert cfg.data.balance_tokens is False
 
 
+def test_the_shakedown_gate_of_each_family_gets_its_own_run_directory():
+    """`preset=shakedown` then `preset=shakedown model=moe` (the README's order) must not share a directory:
+    the second would find the first's checkpoints and refuse to start."""
+    names = {family: compose_validated(["preset=shakedown", f"model={family}"]).run.name
+             for family in ("dense", "moe", "polyglu")}
+    assert names == {"dense": "shakedown-dense", "moe": "shakedown-moe", "polyglu": "shakedown-polyglu"}
+    assert compose_validated(["preset=shakedown", "run.name=gate"]).run.name == "gate"
+
+
 def test_auto_device_is_accepted_and_hardware_group_sets_engine():
     cfg = compose_validated(["hardware=a100_zero2", "hardware.device=auto"])
     assert cfg.hardware.engine == "deepspeed" and cfg.hardware.precision == "bf16"

@@ -135,6 +135,7 @@ def test_dense_checkpoint_is_refused_by_a_moe_run_and_back(tmp_path, data_cache)
                        f"run.resume={tmp_path / 'dense' / 'ckpt-step-2.pt'}", name="moe")
     assert refused.returncode == 2
     assert "mode=dense" in refused.stderr and "mode=moe" in refused.stderr and "Traceback" not in refused.stderr
+    assert "resume it with model=dense, or start a fresh run with another run.name" in refused.stderr
 
 
 @pytest.mark.slow

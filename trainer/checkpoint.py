@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
-from trainer.schema import UserError
+from trainer.schema import MODEL_SCHEMAS, UserError
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,19 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+def _override_for(name: str, value: Any) -> str:
+    """The command-line override that gives this run the checkpoint's value of an identity key."""
+    field = name.removeprefix("architecture.")
+    if name == "mode" or field == "family":
+        return f"model={value}"
+    if field == "vocab_size":
+        return f"the tokenizer it was trained with (vocab size {value}; data.tokenizer)"
+    if any(field in {f.name for f in fields(schema)} for schema in MODEL_SCHEMAS.values()):
+        shown = value if not isinstance(value, (list, tuple)) else "[" + ",".join(map(str, value)) + "]"
+        return f"model.{field}={shown}"
+    return f"the checkpoint's {field}={_show(value)}"
+
+
 def _first_difference(saved: Any, current: Any, key: str) -> tuple[str, Any, Any] | None:
     if isinstance(saved, dict) and isinstance(current, dict):
         for sub in sorted(set(saved) | set(current), key=str):
@@ -225,8 +239,8 @@ def load_full_checkpoint(path: str | os.PathLike, expected: dict[str, Any] | Non
                                 f"{name}={_show(run_value)}; it cannot be checked for compatibility, "
                                 "so start a fresh run")
             raise UserError(f"checkpoint {path.name} was trained with {name}={_show(saved_value)} but this run "
-                            f"is {name}={_show(run_value)}; resume it with {name}={_show(saved_value)} "
-                            "or start a fresh run")
+                            f"is {name}={_show(run_value)}; resume it with {_override_for(name, saved_value)}, "
+                            "or start a fresh run with another run.name")
     return payload
 
 
