@@ -68,7 +68,8 @@ class MoEGPT2(DenseGPT2):
         found = [RouterNoiseSchedule(self, m.noise_std, m.noise_anneal_fraction, cfg.train.max_steps),
                  ExpertUsageFigure(self.moe_layers, self.num_experts)]
         if m.collapse_stop:
-            found.append(CollapseDetector(m.collapse_check_every, m.collapse_threshold, m.collapse_patience))
+            found.append(CollapseDetector(m.collapse_check_every, m.collapse_threshold, m.collapse_patience,
+                                          topk=m.topk))
         return found
 
 

@@ -31,19 +31,23 @@ class RouterNoiseSchedule(StepSchedule):
 
 
 class CollapseDetector(Callback):
-    """The seed's contract: every `check_every` updates, collapse = any expert's fraction of the step's
-    routing above `threshold` in any MoE layer; `patience` consecutive collapsed checks stop the run."""
+    """The seed's contract: every `check_every` updates, collapse = any expert's share of the step's tokens
+    above `threshold` in any MoE layer; `patience` consecutive collapsed checks stop the run.
+
+    The logged fraction is a share of the N*k assignments, so it can never exceed 1/k; times k it is the
+    share of tokens that picked the expert among their top k, which reaches 1 at collapse for any k. For
+    top-1 (the seed's no-lb) the two are the same number."""
 
     name = "collapse_detector"
 
-    def __init__(self, check_every: int = 100, threshold: float = 0.6, patience: int = 3):
-        self.check_every, self.threshold, self.patience = check_every, threshold, patience
+    def __init__(self, check_every: int = 100, threshold: float = 0.6, patience: int = 3, topk: int = 1):
+        self.check_every, self.threshold, self.patience, self.topk = check_every, threshold, patience, topk
         self.consecutive = 0
 
     def on_step_end(self, step, metrics):
         if step % self.check_every:
             return None
-        worst = max(((v, k) for k, v in metrics.items() if FRACTION_KEY.match(k)), default=None)
+        worst = max(((v * self.topk, k) for k, v in metrics.items() if FRACTION_KEY.match(k)), default=None)
         if worst is None:
             return None
         value, key = worst

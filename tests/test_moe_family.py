@@ -95,6 +95,17 @@ def test_collapse_detector_needs_consecutive_checks_over_threshold():
     assert reason and "expert 3 of layer 9" in reason and "90%" in reason
 
 
+def test_collapse_detector_judges_top2_by_share_of_tokens():
+    """Top-2 assignment fractions never exceed 0.5; two experts taking every token is 0.5 each, which is
+    every token's share, 100%, and must count as collapsed at the seed's 0.6."""
+    detector = CollapseDetector(check_every=1, threshold=0.6, patience=1, topk=2)
+    collapsed = {"router/layer9/fraction/0": 0.5, "router/layer9/fraction/1": 0.5}
+    balanced = {f"router/layer9/fraction/{e}": 0.125 for e in range(8)}
+    assert detector.on_step_end(1, balanced) is None
+    reason = detector.on_step_end(2, collapsed)
+    assert reason and "took 100% of tokens" in reason
+
+
 @pytest.mark.slow
 def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     common = ["preset=shakedown", *TINY_MOE, "train.max_steps=6", "train.eval_every=3", "checkpoint.save_every=3",
@@ -140,9 +151,10 @@ def test_dense_checkpoint_is_refused_by_a_moe_run_and_back(tmp_path, data_cache)
 
 @pytest.mark.slow
 def test_collapse_stop_ends_the_run_with_the_reason_in_the_summary(tmp_path, data_cache):
-    # threshold 0.25 with 4 experts: any imbalance counts, so the stop path runs in a few steps.
+    # threshold 0.26 with 4 experts (0.25 each at even routing): almost any imbalance counts, so the stop
+    # path runs in a few steps.
     result = tiny_run(tmp_path, data_cache, "preset=no-lb", *TINY_MOE, "train.max_steps=20",
-                      "model.collapse_check_every=2", "model.collapse_threshold=0.25", "model.collapse_patience=2",
+                      "model.collapse_check_every=2", "model.collapse_threshold=0.26", "model.collapse_patience=2",
                       "train.eval_every=100", "checkpoint.save_every=100", name="collapse")
     assert_ok(result)
     summary = json.loads((tmp_path / "collapse" / "summary.json").read_text())

@@ -123,7 +123,7 @@ class MoEGPT2Config(GPT2Config):
     z_coef: float = 0.001  # router z-loss weight
     collapse_stop: bool = False  # stop the run when routing collapses (see collapse_*)
     collapse_check_every: int = 100
-    collapse_threshold: float = 0.6  # an expert fraction above this in any MoE layer counts as collapsed
+    collapse_threshold: float = 0.6  # an expert's share of tokens above this in any MoE layer counts as collapsed
     collapse_patience: int = 3  # consecutive collapsed checks before stopping
 
 
@@ -504,6 +504,11 @@ def check_moe_layout(m: MoEGPT2Config, n_layer: Optional[int]) -> None:
     """Also called after loading a pretrained model, whose depth is only known then."""
     if not 1 <= m.topk <= m.num_experts:
         raise UserError(f"model.topk={m.topk} must be between 1 and model.num_experts={m.num_experts}")
+    even = m.topk / m.num_experts  # each expert's share of tokens when routing is perfectly even
+    if m.collapse_stop and not even < m.collapse_threshold < 1:
+        raise UserError(f"model.collapse_threshold={m.collapse_threshold} can never tell collapse apart: an expert's "
+                        f"share of tokens is {even:g} at even routing (topk {m.topk} of {m.num_experts} experts) and "
+                        f"at most 1; pick a value between them, such as {round((1 + even) / 2, 2):g}")
     if not m.moe_layers:
         raise UserError("model.moe_layers is empty; name the blocks that get experts (for example [8, 9, 10, 11])")
     if len(set(m.moe_layers)) != len(m.moe_layers):
