@@ -38,9 +38,21 @@ def load_snapshot_model(snapshot: str | Path):
     return model.eval(), tokenizer, meta
 
 
+def snapshot_in(path: Path) -> Path:
+    """A snapshot path as given, or the one a run directory holds: its final model, else its best."""
+    if not path.is_dir():
+        return path
+    for stem in ("final-model", "best-model"):
+        if (path / f"{stem}.safetensors").is_file():
+            return path / f"{stem}.safetensors"
+    raise UserError(f"{path} holds no final-model.safetensors or best-model.safetensors; pass a run directory "
+                    "that finished an eval, or one of its model-step-<n>.safetensors")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("snapshot", help="a <stem>.safetensors written by a run (final-model, best-model, ...)")
+    parser.add_argument("snapshot", help="a <stem>.safetensors written by a run (final-model, best-model, ...), "
+                                         "or a run directory (its final-model, else best-model)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -48,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        model, tokenizer, meta = load_snapshot_model(args.snapshot)
+        if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens}, --temperature {args.temperature}, --top-k "
+                            f"{args.top_k}: need at least 1 new token, a temperature >= 0 (0 = greedy) and top-k >= 0")
+        model, tokenizer, meta = load_snapshot_model(snapshot_in(Path(args.snapshot)))
+        ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+        window = meta["architecture"].get("n_positions")  # GPT-2's learned positions end there; PolyGLU slides
+        if window is not None and len(ids) + args.max_new_tokens > window:
+            raise UserError(f"a {len(ids)}-token prompt plus --max-new-tokens {args.max_new_tokens} exceeds the "
+                            f"model's {window} positions (model.n_positions); ask for at most "
+                            f"{max(window - len(ids), 0)} new tokens or shorten the prompt")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, eos_id=tokenizer.eos_id)
     print(tokenizer.decode(out[0].tolist()))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval.generate import load_snapshot_model
+from eval.generate import main as generate_cli
 from models import build_model
 from models.moe_monitors import CollapseDetector, RouterNoiseSchedule, router_noise
 from tests.conftest import assert_ok, tiny_run
@@ -107,7 +108,7 @@ def test_collapse_detector_judges_top2_by_share_of_tokens():
 
 
 @pytest.mark.slow
-def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
+def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache, capsys):
     common = ["preset=shakedown", *TINY_MOE, "train.max_steps=6", "train.eval_every=3", "checkpoint.save_every=3",
               "train.log_router_every=3", "model.noise_std=0.1", "model.noise_anneal_fraction=0.75"]
     assert_ok(tiny_run(tmp_path, data_cache, *common, name="whole"))
@@ -130,6 +131,14 @@ def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     model, tokenizer, _ = load_snapshot_model(whole / "final-model.safetensors")
     ids = torch.tensor([tokenizer.encode("def main(")])
     assert model.generate(ids, max_new_tokens=5, temperature=0).shape[1] == ids.shape[1] + 5
+    # The CLI: a run directory means its final model; GPT-2's position limit and bad sampling values are
+    # one-line refusals, not an IndexError from the embedding (TINY_MOE has 64 positions).
+    assert generate_cli([str(whole), "--prompt", "def main(", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert generate_cli([str(whole), "--max-new-tokens", "64"]) == 2
+    assert generate_cli([str(whole), "--temperature", "-1"]) == 2
+    refusals = capsys.readouterr().err.splitlines()
+    assert len(refusals) == 2 and "exceeds the model's 64 positions (model.n_positions); ask for at most 63" \
+        in refusals[0] and "a temperature >= 0" in refusals[1]
 
     # Resume at step 3, mid-annealing: same noise, same losses, same weights as the uninterrupted run.
     assert_ok(tiny_run(tmp_path, data_cache, *common, f"run.resume={whole / 'ckpt-step-3.pt'}", name="resumed"))
