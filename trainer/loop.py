@@ -115,9 +115,10 @@ class TrainingLoop:
             if state.step % cfg.train.log_every == 0 or router_due:
                 self.tracker.log(logged, step=state.step)
             state.stop_reason = self.callbacks.on_step_end(state.step, metrics)
-            bar.update(1)
+            # Postfix first: update() redraws, so the bar shows this step's loss, not the previous one's.
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
                             refresh=False)
+            bar.update(1)
             if state.step % 20 == 0:  # tokens/s over a recent window, not since the start
                 window_tokens, window_start = 0, time.perf_counter()
             final = state.step == cfg.train.max_steps or state.stop_reason is not None
