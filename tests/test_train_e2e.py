@@ -156,7 +156,7 @@ def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tm
     summaries = sorted((tmp_path / "multirun").rglob("summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["preset"] for p in summaries} == {"shakedown", "quickstart"}
-    assert sorted(p.parent.name for p in summaries) == ["0_shakedown", "1_quickstart"]
+    assert sorted(p.parent.name for p in summaries) == ["0_shakedown-dense", "1_quickstart"]
 
     mixed = tiny_run(tmp_path / "second", data_cache, "--multirun", "optim.learning_rate=-1,0.001",
                      "train.max_steps=2", "checkpoint.save_every=2")
