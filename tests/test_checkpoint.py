@@ -166,6 +166,21 @@ def test_list_sorts_numerically_and_prune_keeps_newest(tmp_path):
     ]
 
 
+def test_snapshot_pruning_keeps_the_newest_steps_and_best_and_final(tmp_path):
+    state = nn.Linear(2, 2).state_dict()
+    meta = {"step": 5, "preset": "p", "mode": "dense", "config": {}, "metrics_summary": {}}
+    for stem in ("model-step-5", "model-step-100", "model-step-20", "best-model", "final-model"):
+        ckpt.save_model_snapshot(tmp_path, stem, state, meta)
+    (tmp_path / "model-step-3.safetensors").write_bytes(b"weights whose sidecar an interrupted prune removed")
+
+    removed = ckpt.prune_model_snapshots(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == ["model-step-3.safetensors", "model-step-5.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best-model.json", "best-model.safetensors", "final-model.json", "final-model.safetensors",
+        "model-step-100.json", "model-step-100.safetensors", "model-step-20.json", "model-step-20.safetensors",
+    ]
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()

@@ -37,15 +37,17 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def test_dense_shakedown_end_to_end_writes_the_seed_contract(tmp_path, data_cache):
     result = tiny_run(tmp_path, data_cache, "preset=shakedown", "train.max_steps=6", "train.eval_every=3",
-                      "checkpoint.save_every=2", "checkpoint.keep_last_k=2", name="shake")
+                      "checkpoint.save_every=2", "checkpoint.keep_last_k=2", "checkpoint.keep_last_snapshots=2",
+                      name="shake")
     assert_ok(result)
     run_dir = tmp_path / "shake"
     assert "run directory:" in result.stdout and str(run_dir / "final-model.safetensors") in result.stdout
 
-    # keep_last_k=2 of the checkpoints at 2, 4, 6; model snapshots are never pruned.
+    # keep_last_k=2 of the checkpoints at 2, 4, 6, and keep_last_snapshots=2 of their model snapshots.
     assert sorted(p.name for p in run_dir.glob("ckpt-step-*.pt")) == ["ckpt-step-4.pt", "ckpt-step-6.pt"]
-    for stem in ("model-step-2", "model-step-4", "model-step-6", "best-model", "final-model"):
+    for stem in ("model-step-4", "model-step-6", "best-model", "final-model"):
         assert (run_dir / f"{stem}.safetensors").is_file() and (run_dir / f"{stem}.json").is_file(), stem
+    assert not list(run_dir.glob("model-step-2.*"))
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name], "no temporary files left behind"
 
     ckpt = torch.load(run_dir / "ckpt-step-6.pt", map_location="cpu", weights_only=True)

@@ -293,6 +293,26 @@ def prune_full_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> list
     return doomed
 
 
+_SNAPSHOT_PATTERN = re.compile(r"^model-step-(\d+)\.safetensors$")
+
+
+def prune_model_snapshots(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` model-step-N snapshots (weights and sidecar); best-model and
+    final-model are other names and always stay."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    directory = Path(run_dir)
+    found = sorted((int(m.group(1)), directory / m.group(0))
+                   for m in map(_SNAPSHOT_PATTERN.match, (p.name for p in directory.iterdir())) if m)
+    doomed = [path for _, path in found[:-keep_last]]
+    for path in doomed:  # sidecar first: if interrupted, the weights left behind still match and go next time
+        path.with_suffix(".json").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    if doomed:
+        fsync_directory(directory)
+    return doomed
+
+
 # --------------------------------------------------------------------------- model-only snapshots
 
 

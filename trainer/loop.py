@@ -192,5 +192,7 @@ class TrainingLoop:
             ckpt.save_full_checkpoint(self.run_dir, step, payload)
             self._save_snapshot(f"model-step-{step}")
             ckpt.prune_full_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last_k)
+            if self.cfg.checkpoint.keep_last_snapshots is not None:
+                ckpt.prune_model_snapshots(self.run_dir, self.cfg.checkpoint.keep_last_snapshots)
         self.engine.barrier()
         self.last_saved_step = step

@@ -183,6 +183,9 @@ class OptimConfig:
 class CheckpointConfig:
     save_every: int = 500
     keep_last_k: int = 3
+    # model-step-N snapshots to keep (newest); null keeps them all: the run's history, e.g. to watch experts
+    # specialise over training. best-model and final-model are always kept.
+    keep_last_snapshots: Optional[int] = None
     save_final: bool = True
 
 
@@ -280,6 +283,7 @@ RULES = [
     ("optim.eps", lambda v: v > 0, "a positive number"),
     ("checkpoint.save_every", lambda v: v >= 1, "an integer >= 1"),
     ("checkpoint.keep_last_k", lambda v: v >= 1, "an integer >= 1"),
+    ("checkpoint.keep_last_snapshots", lambda v: v is None or v >= 1, "null (keep all) or an integer >= 1"),
     ("tracking.online_timeout_s", lambda v: v > 0, "a positive number of seconds"),
     # Stage 3 partitions the parameters themselves; snapshots and eval read full weights on rank 0 and
     # do not gather them yet, so it would write empty artifacts rather than fail.
