@@ -252,7 +252,7 @@ def _train_step(model, optimizer, seed):
     optimizer.step()
 
 
-def test_optimizer_state_by_name_survives_regrouping(tmp_path):
+def test_optimizer_state_by_name_survives_regrouping(tmp_path, caplog):
     torch.manual_seed(0)
     original = TiedLM()
     optimizer = _two_group_adamw(original, decay_first=True)
@@ -267,17 +267,23 @@ def test_optimizer_state_by_name_survives_regrouping(tmp_path):
     resumed = TiedLM()
     resumed.load_state_dict(loaded["model_state_dict"])
     regrouped = _two_group_adamw(resumed, decay_first=False)
-    ckpt.optimizer_state_from_named(regrouped, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        ckpt.optimizer_state_from_named(regrouped, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
     assert regrouped.param_groups[1]["lr"] == 1e-2
+    assert "optimizer settings" not in caplog.text  # same settings, only regrouped: nothing to say
 
     _train_step(original, optimizer, seed=42)
     _train_step(resumed, regrouped, seed=42)
     for (name, expected), (_, actual) in zip(original.named_parameters(), resumed.named_parameters(), strict=False):
         assert torch.equal(expected, actual), name
 
-    one_per_param = torch.optim.AdamW([{"params": [p]} for p in resumed.parameters()])
-    ckpt.optimizer_state_from_named(one_per_param, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
+    one_per_param = torch.optim.AdamW([{"params": [p]} for p in resumed.parameters()])  # weight_decay 0.01
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        ckpt.optimizer_state_from_named(one_per_param, loaded["optimizer_state_dict"], dict(resumed.named_parameters()))
     assert [g["weight_decay"] for g in one_per_param.param_groups] == [0.1, 0.1, 0.0]
+    # Settings travel with the state, and a run whose config says otherwise is told, not silently ignored.
+    assert ("resuming keeps the checkpoint's optimizer settings: optim.weight_decay=0.0 (this run's config: 0.01); "
+            "optim.weight_decay=0.1 (this run's config: 0.01)") in caplog.text
 
 
 def test_optimizer_state_refuses_unknown_names_and_mixed_groups():

@@ -474,6 +474,11 @@ def _same_value(first: Any, second: Any) -> bool:
     return _normalise(first) == _normalise(second)
 
 
+# Group entries that are not settings: the lr (and its base) belong to the scheduler, the rest is bookkeeping.
+_NOT_SETTINGS = ("params", "param_names", "names", "role", "lr", "initial_lr")
+_OPTIM_KEYS = {"weight_decay": "optim.weight_decay", "betas": "optim.beta1/beta2", "eps": "optim.eps"}
+
+
 def optimizer_state_from_named(
     optimizer: torch.optim.Optimizer, named_state: dict[str, Any], named_params: dict[str, torch.nn.Parameter]
 ) -> None:
@@ -526,4 +531,13 @@ def optimizer_state_from_named(
         if hyper is None:  # an empty group keeps its own settings
             hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         positional_groups.append({**hyper, "params": list(range(index - len(names), index))})
+    # Settings travel with each parameter's state (above), so an optim.* edited for the resumed run does not
+    # apply; say so rather than ignore it silently. (The lr is the scheduler's and does follow the config.)
+    configured = [{k: v for k, v in group.items() if k not in _NOT_SETTINGS} for group in optimizer.param_groups]
     optimizer.load_state_dict({"state": positional_state, "param_groups": positional_groups})
+    kept = sorted({f"{_OPTIM_KEYS.get(key, key)}={group[key]!r} (this run's config: {value!r})"
+                   for group, settings in zip(optimizer.param_groups, configured, strict=True)
+                   for key, value in settings.items() if key in group and not _same_value(group[key], value)})
+    if kept:
+        log.warning("resuming keeps the checkpoint's optimizer settings: %s; start a fresh run to change them",
+                    "; ".join(kept))
