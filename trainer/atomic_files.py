@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # ".<final name>.<random>.tmp": the leading dot keeps globs such as `ckpt-step-*.pt` or `*.bin` from ever
 # seeing a half-written file.

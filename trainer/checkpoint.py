@@ -244,16 +244,21 @@ def load_full_checkpoint(path: str | os.PathLike, expected: dict[str, Any] | Non
     return payload
 
 
-def list_full_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+def _files_by_step(run_dir: str | os.PathLike, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    """(step, path) of the files in run_dir whose name `pattern` matches (group 1: the step), oldest first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = []
     for entry in run_dir.iterdir():
-        match = _CKPT_PATTERN.match(entry.name)
+        match = pattern.match(entry.name)
         if match and entry.is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def list_full_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    return _files_by_step(run_dir, _CKPT_PATTERN)
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -301,15 +306,12 @@ def prune_model_snapshots(run_dir: str | os.PathLike, keep_last: int) -> list[Pa
     final-model are other names and always stay."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    directory = Path(run_dir)
-    found = sorted((int(m.group(1)), directory / m.group(0))
-                   for m in map(_SNAPSHOT_PATTERN.match, (p.name for p in directory.iterdir())) if m)
-    doomed = [path for _, path in found[:-keep_last]]
+    doomed = [path for _, path in _files_by_step(run_dir, _SNAPSHOT_PATTERN)[:-keep_last]]
     for path in doomed:  # sidecar first: if interrupted, the weights left behind still match and go next time
         path.with_suffix(".json").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
     if doomed:
-        fsync_directory(directory)
+        fsync_directory(Path(run_dir))
     return doomed
 
 
