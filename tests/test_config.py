@@ -166,6 +166,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
         assert needle in lines[0]
     assert "Traceback" not in result.stderr
     assert not list(Path(tmp_path).rglob("*.pt")), "nothing may run before validation"
+    if not flags:  # a sweep keeps its failed job's directory, with the job's overrides in it
+        assert not list(Path(tmp_path).iterdir()), "a refused run leaves no run directory behind"
 
 
 def test_cfg_job_prints_the_composed_config_without_importing_torch(tmp_path):

@@ -140,6 +140,21 @@ def test_resume_refuses_other_architecture_and_format(tmp_path, data_cache):
     missing = tiny_run(tmp_path, data_cache, f"run.resume={tmp_path / 'nope.pt'}", name="missing")
     assert missing.returncode == 2 and "nope.pt" in missing.stderr
 
+    # Refused launches into the existing run, with and without resume, keep its record of what it trained.
+    record = (tmp_path / "base" / "resolved_config.yaml").read_bytes()
+    for resume in (["run.resume=auto"], []):
+        refused = tiny_run(tmp_path, data_cache, "train.max_steps=4", "model.n_embd=64", *resume, name="base")
+        assert refused.returncode == 2, refused.stderr
+    assert (tmp_path / "base" / "resolved_config.yaml").read_bytes() == record
+    assert (tmp_path / "base" / "ckpt-step-2.pt").is_file()
+
+    # A refused new run leaves no directory behind, though it got as far as logging and data preparation...
+    too_small = tiny_run(tmp_path, data_cache, "data.size_mb=0.0001", name="too-small")
+    assert too_small.returncode == 2 and "data.size_mb" in too_small.stderr
+    assert not (tmp_path / "too-small").exists()
+    # ...and a refused (wider) resume into a new name leaves nothing either; the missing checkpoint's neither.
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "missing").exists()
+
 
 def test_wandb_online_unreachable_falls_back_to_offline_and_trains(tmp_path, data_cache):
     env = clean_env(WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40, WANDB_DIR=str(tmp_path))

@@ -11,12 +11,13 @@ from pathlib import Path
 from data import build_data
 from models import build_model
 from trainer import checkpoint as ckpt
+from trainer.atomic_files import atomic_write_bytes
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.engines import build_engine
 from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import restore_rng_state, seed_everything
-from trainer.schema import Config, UserError
+from trainer.schema import Config, UserError, resolved_yaml
 from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 
@@ -43,6 +44,12 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """resolved_config.yaml: the validated config this run directory's checkpoints were (or are being) trained
+    with. Written once the run is accepted, so a refused launch cannot overwrite it."""
+    atomic_write_bytes(run_dir / "resolved_config.yaml", resolved_yaml(cfg).encode())
+
+
 def rng_state_for(checkpoint: dict, engine) -> dict:
     """This process's RNG state from a checkpoint; rank 0's when the world size changed."""
     by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
@@ -62,6 +69,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     start_from = resume_path(cfg, run_dir)
     if engine.is_main:
         ckpt.remove_stale_temporaries(run_dir)
+        if start_from is None:
+            record_config(cfg, run_dir)
     config_dict = asdict(cfg)
 
     seed_everything(cfg.run.seed)
@@ -100,6 +109,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
         state.load(int(checkpoint["step"]), checkpoint["loop_state"])
         restore_rng_state(rng_state_for(checkpoint, engine))  # last: building consumed random numbers
         log.info("resumed from %s at step %d", start_from, state.step)
+        if engine.is_main:
+            record_config(cfg, run_dir)  # only now: a refused resume leaves the original run's record alone
 
     tracker = Tracker(run_dir, cfg.tracking, run_name=cfg.run.name, config=config_dict, enabled=engine.is_main,
                       resume_step=state.step if start_from is not None else None)

@@ -1,32 +1,35 @@
-"""One Hydra job: validate the composed config, save it resolved next to the run, then train (or tokenize)."""
+"""One Hydra job: validate the composed config, then train (or tokenize); each saves it resolved next to the run."""
 
 from __future__ import annotations
 
 import gc
 import os
+import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainer.schema import validate
+from trainer.atomic_files import atomic_write_bytes
+from trainer.schema import resolved_yaml, validate
 
 
 def run_job(cfg: DictConfig) -> dict:
     config = validate(cfg)  # before any torch import: user mistakes cost nothing
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process writes and reports
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-
     if config.run.task == "tokenize":
         from data.tokenize_shards import tokenize_data
 
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / "resolved_config.yaml", resolved_yaml(config).encode())
         return {"task": "tokenize", "domains": tokenize_data(config.data)}
 
     from trainer.fit import describe_outputs, train
 
+    # train() writes resolved_config.yaml itself, once it has accepted the run directory: a refused resume
+    # must not overwrite the record of the run whose checkpoints are there.
     summary = train(config, run_dir)
     # The run's objects are garbage now, some of it cyclic (ZeRO hangs its process group on every parameter).
     # Collect it here, while the interpreter is whole: left to shutdown, a process group's gloo threads are
@@ -39,3 +42,43 @@ def run_job(cfg: DictConfig) -> dict:
         # job script or a --multirun sweep sees the run is unfinished and does not go on as if it were.
         raise SystemExit(summary["exit_code"])
     return summary
+
+
+# What one launch puts in its run directory before it trains: Hydra's record of the launch, Hydra's log file,
+# and (once train() accepts the directory) the resolved config. Nothing a user would want back from a refusal.
+LAUNCH_BOOKKEEPING = (".hydra", "run.log", "resolved_config.yaml")
+
+
+def holds_no_earlier_run(run_dir: Path) -> bool:
+    """True when run_dir holds only this launch's bookkeeping and an empty log: no run lived here before.
+
+    Hydra creates the directory, its .hydra/ and run.log before the job starts, so checking for existence
+    cannot tell a new directory from an old one; an empty log can (every run logs to it).
+    """
+    log_file = run_dir / "run.log"
+    empty_log = not log_file.exists() or log_file.stat().st_size == 0
+    return empty_log and _only_bookkeeping(run_dir)
+
+
+def discard_refused_launch(run_dir: Path) -> None:
+    """Remove what a refused launch created, so a mistyped override leaves no run directory behind.
+
+    Called only when holds_no_earlier_run() held at the start; checked again here so that anything written
+    since (a checkpoint, metrics, a tokenizer) keeps the directory.
+    """
+    if not _only_bookkeeping(run_dir):
+        return
+    for name in LAUNCH_BOOKKEEPING:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # something else appeared meanwhile: leave it
+
+
+def _only_bookkeeping(run_dir: Path) -> bool:
+    return run_dir.is_dir() and all(entry.name in LAUNCH_BOOKKEEPING for entry in run_dir.iterdir())

@@ -30,16 +30,21 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trainer.job import run_job
+    from trainer.job import discard_refused_launch, holds_no_earlier_run, run_job
     from trainer.schema import UserError
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1  # under torchrun every rank shares run_dir
+    new_run_dir = single_process and holds_no_earlier_run(run_dir)
     try:
         run_job(cfg)
     except UserError as err:
         # A single run says it in one line. In a sweep the error propagates, so Hydra names the failed
-        # job and runs the others.
+        # job and runs the others (its directory stays, with the job's overrides in .hydra/).
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
+        if new_run_dir:
+            discard_refused_launch(run_dir)  # the refusal leaves no outputs/<name>/ behind
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -372,6 +372,11 @@ def _explain(err: OmegaConfBaseException, schema: type, prefix: str = "") -> str
     return f"{key}: {str(err).splitlines()[0]}"
 
 
+def resolved_yaml(config: Config) -> str:
+    """The validated config, every default filled in, as written to a run's resolved_config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
 def validate(cfg: DictConfig) -> Config:
     """Check a composed config against the schema; return it typed. Raises UserError (one line)."""
     raw = OmegaConf.to_container(cfg, resolve=True)
