@@ -140,7 +140,10 @@ def test_validation_rejects_with_one_line(override, needle):
 
 @pytest.mark.parametrize("args,needles", [
     (["train.max_step=5"], ["train.max_step", "did you mean 'max_steps'"]),
-    (["train.batch_size=abc"], ["train.batch_size", "abc"]),
+    (["train.batch_size=abc"], ["train.batch_size", "abc", "expected an integer, for example train.batch_size="]),
+    (["model=moe", "model.moe_layers=8"], ["expected a list, for example model.moe_layers=[8,9,10,11]"]),
+    (["model=moe", "model.collapse_stop=maybe"], ["expected true or false, for example model.collapse_stop=false"]),
+    (["checkpoint.keep_last_snapshots=all"], ["expected an integer or null"]),
     (["optim.learning_rate=-0.1"], ["optim.learning_rate=-0.1", "positive"]),
     (["data.block_size=0"], ["data.block_size=0", ">= 8"]),
     (["hardware.device=tpu"], ["hardware.device='tpu'", "auto, cpu, cuda, mps"]),
@@ -177,3 +180,17 @@ def test_cfg_job_prints_the_composed_config_without_importing_torch(tmp_path):
     assert "n_layer: 3" in result.stdout and "preset: dense" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "transformers" not in imported
+
+
+def test_validate_tells_what_to_write_for_a_value_of_the_wrong_type():
+    # A config composed without Hydra's schema (a notebook, another launcher) reaches validate() unchecked;
+    # it must answer as the command line does.
+    from omegaconf import OmegaConf
+
+    for raw, needle in (({"model": {"family": "moe", "topk": "two"}}, "model.topk: Value 'two'"),
+                        ({"model": {"family": "moe", "topk": "two"}}, "expected an integer, for example model.topk=1"),
+                        ({"optim": {"learning_rate": "fast"}}, "expected a number, for example optim.learning_rate="),
+                        ({"optim": {"warmup_steps": "x"}}, "expected an integer or null")):
+        with pytest.raises(UserError) as err:
+            validate(OmegaConf.create(raw))
+        assert needle in str(err.value), str(err.value)

@@ -9,9 +9,9 @@ import re
 from dataclasses import fields
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, suggest
+from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, expected_value, suggest
 
 
 def _group_of(err: MissingConfigException) -> str:
@@ -43,6 +43,10 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
         return (f"data.domains.{key}: a new domain cannot be added on the command line (omegaconf rejects it); "
                 "declare it in a data entry instead: copy conf/data/local.yaml to conf/data/<name>.yaml (or to "
                 "<dir>/data/<name>.yaml with hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")
+    if isinstance(err, ValidationError):
+        # A value of the wrong type: object_type is the schema dataclass that holds the key.
+        hint = expected_value(getattr(err, "object_type", None), str(getattr(err, "key", "")), str(key))
+        detail = detail.rstrip(".") + hint
     return f"{key}: {detail}"
 
 

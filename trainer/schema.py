@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from numbers import Real
 from typing import Any, Optional
@@ -365,11 +366,46 @@ def _explain(err: OmegaConfBaseException, schema: type, prefix: str = "") -> str
     if isinstance(err, ConfigKeyError):
         *parent, leaf = str(key).split(".")
         return f"unknown key '{prefix}{key}': {suggest(leaf, allowed_keys_at(parent, schema))}"
-    key = prefix + str(key)
+    detail = str(err).splitlines()[0]
     if isinstance(err, ValidationError):
-        detail = str(err).splitlines()[0]
-        return f"{key}: {detail}"
-    return f"{key}: {str(err).splitlines()[0]}"
+        *parent, leaf = str(key).split(".")
+        detail = detail.rstrip(".") + expected_value(_schema_node(schema, parent), leaf, f"{prefix}{key}")
+    return f"{prefix}{key}: {detail}"
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def expected_value(node: Any, leaf: str, key: str) -> str:
+    """'; expected an integer, for example model.topk=1': field `leaf` of schema dataclass `node` in words,
+    with its default written as an override. OmegaConf's own message ("could not be converted to Integer",
+    "str is not a ListConfig") leaves the user to work out what to type. Empty when there is nothing to say."""
+    if not (isinstance(node, type) and is_dataclass(node)):
+        return ""
+    spec = {f.name: f for f in fields(node)}.get(leaf)
+    if spec is None:
+        return ""
+    hint = typing.get_type_hints(node).get(leaf)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) is typing.Union and len(args) == 1
+    base = args[0] if optional else hint
+    if typing.get_origin(base) is list:
+        words = "a list"
+    elif base in _TYPE_WORDS:
+        words = _TYPE_WORDS[base]
+    else:
+        return ""
+    default = spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
+    example = "" if default in (None, MISSING) else f", for example {key}={_as_override(default)}"
+    return f"; expected {words}{' or null' if optional else ''}{example}"
+
+
+def _as_override(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    return str(value)
 
 
 def resolved_yaml(config: Config) -> str:
