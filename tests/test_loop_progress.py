@@ -1,0 +1,49 @@
+"""The progress bar, driven in-process through fit.train with tqdm replaced by a recorder."""
+
+from __future__ import annotations
+
+import json
+
+from hydra import compose, initialize_config_dir
+
+import trainer.loop as loop_module
+from tests.conftest import ROOT, TINY, TINY_GPT2
+from trainer.fit import train
+from trainer.schema import register_schemas, validate
+
+
+class RecordingBar:
+    """Stands in for tqdm: records which postfix each step's update() would draw."""
+
+    drawn: list[tuple[int, dict]] = []
+
+    def __init__(self, total, initial=0, **_):
+        self.n, self.total, self.postfix = initial, total, {}
+
+    def set_postfix(self, refresh=True, **postfix):
+        self.postfix = dict(postfix)
+
+    def update(self, n=1):
+        self.n += n
+        RecordingBar.drawn.append((self.n, dict(self.postfix)))
+
+    def close(self):
+        pass
+
+
+def test_each_step_of_the_bar_shows_that_steps_loss(tmp_path, data_cache, monkeypatch):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = validate(compose("config", overrides=[*TINY_GPT2, *TINY, f"data.cache_dir={data_cache}",
+                                                    "train.max_steps=5", "train.log_every=1"]))
+    RecordingBar.drawn = []
+    monkeypatch.setattr(loop_module, "tqdm", RecordingBar)
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["train/loss"] for row in logged if "train/loss" in row}
+    assert [step for step, _ in RecordingBar.drawn] == [1, 2, 3, 4, 5]
+    for step, postfix in RecordingBar.drawn:
+        assert postfix["loss"] == f"{losses[step]:.4f}", f"step {step} drew {postfix}, logged {losses[step]}"
+        assert float(postfix["tok_s"]) > 0
