@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -156,6 +157,8 @@ def test_validation_rejects_with_one_line(override, needle):
     (["data=local", "data.domains.text.paths=[a.jsonl]", "+data.domains.math.paths=[b.jsonl]"],
      ["data.domains.math: a new domain cannot be added on the command line", "conf/data/local.yaml"]),
     (["task=tokenise"], ["task=tokenise", "available:", "tokenize"]),
+    (["data=local", "data.domains.txt.paths=[a.jsonl]"], ["did you mean 'text'?", "a new domain goes in a data entry"]),
+    (["data=local", "data.domains.text.path=[a.jsonl]"], ["'data.domains.text.path': did you mean 'paths'?"]),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
     flags = [a for a in args if a.startswith("--")]
@@ -194,3 +197,16 @@ def test_validate_tells_what_to_write_for_a_value_of_the_wrong_type():
         with pytest.raises(UserError) as err:
             validate(OmegaConf.create(raw))
         assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.max_step=3"], "did you mean 'max_steps'"),
+    (["preset=nope"], "preset=nope is not a config"),
+    (["preset=polyglu-pretrain", "model.n_layers=abc"], "expected an integer"),
+])
+def test_param_count_answers_config_mistakes_like_the_trainer(tmp_path, args, needle):
+    result = subprocess.run([sys.executable, "-m", "eval.param_count", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr

@@ -9,9 +9,17 @@ import re
 from dataclasses import fields
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, expected_value, suggest
+
+NEW_DOMAIN_HOW = ("copy conf/data/local.yaml to conf/data/<name>.yaml (or to <dir>/data/<name>.yaml with "
+                  "hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")
+
+
+def keys_of(node: object) -> list[str]:
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
 def _group_of(err: MissingConfigException) -> str:
@@ -38,11 +46,16 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
                         f"add model={owners[0]} (also in --multirun sweeps over presets of that family)")
             if selected:
                 return f"unknown key '{key}': {suggest(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])])}"
-        return f"unknown key '{key}': {suggest(leaf, allowed_keys_at(parent))}"
+        # The node that refused the key knows what it holds: a dataclass's fields, or a dict's entries (the
+        # composed data.domains); the schema alone cannot list a dict's entries.
+        candidates = keys_of(getattr(err, "parent_node", None)) or allowed_keys_at(parent)
+        line = f"unknown key '{key}': {suggest(leaf, candidates)}"
+        if parent == ["data", "domains"]:
+            line += f"; a new domain goes in a data entry: {NEW_DOMAIN_HOW}"
+        return line
     if "is not a subclass of DomainConfig" in detail:
         return (f"data.domains.{key}: a new domain cannot be added on the command line (omegaconf rejects it); "
-                "declare it in a data entry instead: copy conf/data/local.yaml to conf/data/<name>.yaml (or to "
-                "<dir>/data/<name>.yaml with hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")
+                f"declare it in a data entry instead: {NEW_DOMAIN_HOW}")
     if isinstance(err, ValidationError):
         # A value of the wrong type: object_type is the schema dataclass that holds the key.
         hint = expected_value(getattr(err, "object_type", None), str(getattr(err, "key", "")), str(key))

@@ -365,7 +365,9 @@ def _explain(err: OmegaConfBaseException, schema: type, prefix: str = "") -> str
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
         *parent, leaf = str(key).split(".")
-        return f"unknown key '{prefix}{key}': {suggest(leaf, allowed_keys_at(parent, schema))}"
+        node = getattr(err, "parent_node", None)  # it knows a dict's entries, which the schema cannot list
+        candidates = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        return f"unknown key '{prefix}{key}': {suggest(leaf, candidates or allowed_keys_at(parent, schema))}"
     detail = str(err).splitlines()[0]
     if isinstance(err, ValidationError):
         *parent, leaf = str(key).split(".")
