@@ -47,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from trainer.schema import UserError
+    from trainer.errors import explain
 
     try:
         total, cfg = count(args.overrides, args.vocab_size)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        # The same one line as trainer/run.py for any config mistake (a typo, a wrong type, an unknown
+        # preset, which Hydra raises while composing); a real bug keeps its traceback.
+        message = explain(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"{cfg.run.preset} ({cfg.model.family}): {total:,} parameters")
     return 0
