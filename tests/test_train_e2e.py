@@ -175,12 +175,17 @@ def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tm
     assert {json.loads(p.read_text())["preset"] for p in summaries} == {"shakedown", "quickstart"}
     assert sorted(p.parent.name for p in summaries) == ["0_shakedown-dense", "1_quickstart"]
 
-    mixed = tiny_run(tmp_path / "second", data_cache, "--multirun", "optim.learning_rate=-1,0.001",
+    mixed = tiny_run(tmp_path / "second", data_cache, "--multirun", "optim.learning_rate=-1,0.001,-2",
                      "train.max_steps=2", "checkpoint.save_every=2")
     assert mixed.returncode != 0
     assert "optim.learning_rate=-1" in mixed.stderr
     survivors = list((tmp_path / "second" / "multirun").rglob("summary.json"))
     assert len(survivors) == 1, "the valid job still ran"
+    # Hydra names only the first failure at the end; each refused job is named as it fails, and in its run.log.
+    output = mixed.stdout + mixed.stderr
+    assert "job #0 (" in output and "job #2 (" in output and "optim.learning_rate=-2.0 is impossible" in output
+    (third_log,) = (tmp_path / "second" / "multirun").rglob("2_*/run.log")
+    assert "optim.learning_rate=-2.0 is impossible" in third_log.read_text()
 
 
 def test_logging_cadences_and_eval_at_start(tmp_path, data_cache):

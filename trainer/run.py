@@ -8,6 +8,7 @@ code 2; `--cfg job` prints the composed config without importing torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ def main(cfg) -> None:
         # A single run says it in one line. In a sweep the error propagates, so Hydra names the failed
         # job and runs the others (its directory stays, with the job's overrides in .hydra/).
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Hydra reports only the sweep's first failed job at the end: log each as it fails (console and
+            # the job's run.log), so every refused combination of the matrix is visible.
+            overrides = " ".join(HydraConfig.get().overrides.task)
+            logging.getLogger("trainer.run").error("job #%s (%s) refused: %s", HydraConfig.get().job.num,
+                                                   overrides, err)
             raise
         if new_run_dir:
             discard_refused_launch(run_dir)  # the refusal leaves no outputs/<name>/ behind
