@@ -228,3 +228,14 @@ def test_ddp_stops_every_process_at_the_same_update_when_one_is_signalled(tmp_pa
     assert_ok(tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="ddp-stop", launcher=torchrun()))
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert (resumed["status"], resumed["final_step"]) == ("completed", 40)
+
+
+def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
+    from trainer.engines.distributed import backend_for
+    from trainer.schema import HardwareConfig, UserError
+
+    cpu = torch.device("cpu")
+    assert backend_for(HardwareConfig(dist_backend="auto"), cpu) == "gloo"
+    assert backend_for(HardwareConfig(dist_backend="gloo"), cpu) == "gloo"
+    with pytest.raises(UserError, match="hardware.dist_backend=nccl .* use hardware.dist_backend=gloo or auto"):
+        backend_for(HardwareConfig(dist_backend="nccl"), cpu)

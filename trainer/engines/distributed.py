@@ -6,10 +6,17 @@ import torch
 import torch.distributed as dist
 
 from trainer.engines.base import Engine
+from trainer.schema import UserError
 
 
 def backend_for(hw, device: torch.device) -> str:
-    return hw.dist_backend if hw.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if hw.dist_backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if hw.dist_backend == "nccl" and (device.type != "cuda" or not dist.is_nccl_available()):
+        # Refused here, in one line, rather than as init_process_group's "NCCL not built in" traceback.
+        raise UserError(f"hardware.dist_backend=nccl (hardware={hw.name}) needs CUDA devices and a torch built with "
+                        f"NCCL; this run is on {device.type}: use hardware.dist_backend=gloo or auto")
+    return hw.dist_backend
 
 
 class DistributedEngine(Engine):
