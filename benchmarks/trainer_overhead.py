@@ -52,7 +52,7 @@ def config(steps: int, run_dir: Path, extra: list[str]):
 def bare_step_times(cfg, warmup: int) -> list[float]:
     """The loop anyone would write by hand: no stream object, no logging, no callbacks, no progress bar."""
     seed_everything(cfg.run.seed)
-    data = build_data(cfg.data, seed=cfg.run.seed)
+    data = build_data(cfg.data, seed=cfg.data.split_seed)
     model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

@@ -64,6 +64,11 @@ def split_documents(docs: list[str], eval_fraction: float, seed: int, domain: st
                     size_mb: float) -> tuple[list[str], list[str]]:
     """Hold out whole documents before any packing, so no eval text can leak into a training block."""
     if len(docs) < 2:
+        if sum(len(d.encode()) for d in docs) < size_mb * 1e6:
+            # The source ran out before the size cap: more megabytes cannot help, more documents can.
+            raise UserError(f"domain {domain!r} has only {len(docs)} document(s) in its source; the train/eval "
+                            "split needs at least 2 (a .txt or .md file is one document; a JSON Lines file has "
+                            f"one per line): add documents to data.domains.{domain}")
         raise UserError(f"data.size_mb={size_mb} gives domain {domain!r} only {len(docs)} document(s); "
                         "the train/eval split needs at least 2, so raise data.size_mb")
     # Each domain gets its own stream, so adding a domain does not reshuffle the others.

@@ -206,3 +206,17 @@ def test_torch_compile_trains_like_eager_and_saves_plain_names(tmp_path, data_ca
     names = weights(tmp_path / "compiled" / "final-model.safetensors").keys()
     assert names == weights(tmp_path / "eager" / "final-model.safetensors").keys()
     assert not any("_orig_mod" in n for n in names), "checkpoints must not depend on how the model ran"
+
+
+def test_a_run_seed_sweep_keeps_one_eval_split_and_tokenizer(tmp_path, data_cache):
+    def data_of(name: str, *overrides: str) -> list:
+        assert_ok(tiny_run(tmp_path, data_cache, "train.max_steps=1", *overrides, name=name))
+        summary = json.loads((tmp_path / name / "data_summary.json").read_text())
+        return [summary["tokenizer"]["fingerprint"], summary["split_seed"],
+                {d: v["eval"] for d, v in summary["domains"].items()}]
+
+    seed1, seed2 = data_of("seed1", "run.seed=1"), data_of("seed2", "run.seed=2")
+    assert seed1 == seed2, "run.seed must not move the eval split or retrain the tokenizer"
+    assert train_losses(tmp_path / "seed1") != train_losses(tmp_path / "seed2"), "run.seed still seeds the model"
+    other_split = data_of("split3", "data.split_seed=3")
+    assert other_split[0] != seed1[0] and other_split[1] == 3

@@ -77,7 +77,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
     if not engine.is_main:
         engine.barrier()
-    data = build_data(cfg.data, seed=cfg.run.seed)
+    data = build_data(cfg.data, seed=cfg.data.split_seed)
     if engine.is_main:
         engine.barrier()
 

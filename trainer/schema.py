@@ -77,6 +77,9 @@ class DataConfig:
     block_size: int = 512
     balance_tokens: bool = False  # truncate every domain's training tokens to the smallest domain's
     eval_fraction: float = 0.1  # fraction of each domain's documents held out, split before packing
+    # Which documents are held out (and so the text a bpe tokenizer is trained on). Apart from run.seed so a
+    # sweep over run.seed compares runs on one eval set and one tokenizer.
+    split_seed: int = 42
     max_eval_blocks: int = 64  # per domain, so an eval pass costs the same whatever the corpus size
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: str = ".cache/data"  # tokenized corpora and trained tokenizers, keyed by content hash
