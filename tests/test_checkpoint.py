@@ -230,6 +230,11 @@ def test_snapshot_copies_overlapping_views_apart(tmp_path):
 def test_missing_snapshot_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ckpt.load_model_snapshot(tmp_path / "best-model")
+    # A resume checkpoint given where a snapshot is wanted (eval.generate): named as such, with the way out.
+    (tmp_path / "ckpt-step-100.pt").write_bytes(b"not read")
+    with pytest.raises(UserError, match=r"is a resume checkpoint; pass the model snapshot of that step, .*"
+                                        r"model-step-100\.safetensors, or the run directory"):
+        ckpt.load_model_snapshot(tmp_path / "ckpt-step-100.pt")
 
 
 def _two_group_adamw(model, decay_first: bool):

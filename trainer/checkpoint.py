@@ -394,6 +394,11 @@ def load_model_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     from safetensors import safe_open
 
     given = Path(path)
+    step = re.fullmatch(r"ckpt-step-(\d+)\.pt", given.name)
+    if step:
+        # A resume checkpoint (optimizer and all); its weights are also in the model-only snapshot of that step.
+        raise UserError(f"{given} is a resume checkpoint; pass the model snapshot of that step, "
+                        f"{given.parent / f'model-step-{step.group(1)}.safetensors'}, or the run directory")
     stem = given.name[: -len(given.suffix)] if given.suffix in (".safetensors", ".json") else given.name
     weights_path, sidecar_path = snapshot_paths(given.parent, stem)
     if not weights_path.is_file():
