@@ -239,3 +239,17 @@ def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
     assert backend_for(HardwareConfig(dist_backend="gloo"), cpu) == "gloo"
     with pytest.raises(UserError, match="hardware.dist_backend=nccl .* use hardware.dist_backend=gloo or auto"):
         backend_for(HardwareConfig(dist_backend="nccl"), cpu)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
+def test_a_device_this_machine_lacks_is_refused_with_what_to_use():
+    from trainer.engines.base import resolve_device
+    from trainer.schema import HardwareConfig, UserError
+
+    assert resolve_device(HardwareConfig(name="cpu", device="auto")) == torch.device("cpu")
+    for hardware, device, way_out in (("cuda", "cuda", "use hardware=cpu, or hardware.device=auto"),
+                                      ("mps", "mps", "use hardware=cpu, or hardware.device=auto"),
+                                      # hardware=cpu with a device override: change the override
+                                      ("cpu", "cuda", "use hardware.device=auto or cpu")):
+        with pytest.raises(UserError, match=f"hardware.device={device} \\(hardware={hardware}\\) .*{way_out}"):
+            resolve_device(HardwareConfig(name=hardware, device=device))

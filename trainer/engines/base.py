@@ -23,12 +23,17 @@ def resolve_device(hw: HardwareConfig, local_rank: int = 0) -> torch.device:
     if wanted == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"hardware.device=cuda (hardware={hw.name}) but no CUDA device is visible; "
-                            "use hardware=cpu, or hardware.device=auto")
+                            f"use {_cpu_instead(hw)}")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if wanted == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"hardware.device=mps (hardware={hw.name}) but MPS is not available on this machine; "
-                        "use hardware=cpu, or hardware.device=auto")
+                        f"use {_cpu_instead(hw)}")
     return torch.device(wanted)
+
+
+def _cpu_instead(hw: HardwareConfig) -> str:
+    # hardware=cpu with a device override needs the override changed, not the hardware entry.
+    return "hardware.device=auto or cpu" if hw.name == "cpu" else "hardware=cpu, or hardware.device=auto"
 
 
 def autocast_context(device: torch.device, precision: str):
