@@ -74,7 +74,7 @@ class PolyGLULM(nn.Module):
     def callbacks(self, cfg) -> list:
         c = self.cfg
         return [TauSchedule(self, c.tau_start, c.tau_end, cfg.train.max_steps, c.tau_frozen),
-                RoutingEntropyWarning(c.entropy_warning)]
+                RoutingEntropyWarning(c.entropy_warning, c.entropy_reg)]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -34,12 +34,15 @@ class RoutingEntropyWarning(Callback):
 
     name = "routing_entropy_warning"
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, entropy_reg: float = 0.0):
         self.threshold = threshold
+        self.entropy_reg = entropy_reg
 
     def on_eval(self, step, metrics):
         values = [v for k, v in metrics.items() if DYNAMIC_MEAN.match(k)]
         if values and (mean := sum(values) / len(values)) < self.threshold:
+            advice = (f"consider a larger model.entropy_reg than {self.entropy_reg:g}" if self.entropy_reg > 0
+                      else "consider model.entropy_reg > 0")
             log.warning("step %d: mean dynamic routing entropy %.3f < %.2f nats: activation collapse may be "
-                        "under way (consider model.entropy_reg > 0)", step, mean, self.threshold)
+                        "under way (%s)", step, mean, self.threshold, advice)
         return None

@@ -70,6 +70,11 @@ def test_entropy_warning_fires_below_the_threshold(caplog):
         assert not caplog.records
         warn.on_eval(20, {"eval/code/router/dynamic_entropy/mean": 0.2, "eval/math/router/dynamic_entropy/mean": 0.3})
     assert "activation collapse" in caplog.text and "step 20" in caplog.text
+    assert "consider model.entropy_reg > 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # already regularised: the advice is to regularise more
+        RoutingEntropyWarning(0.3, entropy_reg=0.01).on_eval(30, {"eval/code/router/dynamic_entropy/mean": 0.1})
+    assert "consider a larger model.entropy_reg than 0.01" in caplog.text
 
 
 def test_the_paper_configuration_counts_its_published_parameters_without_memory():
