@@ -5,6 +5,7 @@ Returns None for anything that is not a user mistake, so real bugs keep their tr
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import fields
 
@@ -42,8 +43,11 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
             if selected and owners:
                 # In --multirun, Hydra checks plain overrides against the default preset before applying
                 # a swept one, so a key of the swept presets' family needs that family named explicitly.
-                return (f"'{key}' belongs to model family {' / '.join(owners)}, not to the selected {selected}; "
-                        f"add model={owners[0]} (also in --multirun sweeps over presets of that family)")
+                # The selected family may have its own spelling (polyglu's n_layers for GPT-2's n_layer).
+                own = difflib.get_close_matches(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])], n=1)
+                meant = f" (did you mean model.{own[0]}?)" if own else ""
+                return (f"'{key}' belongs to model family {' / '.join(owners)}, not to the selected {selected}"
+                        f"{meant}; add model={owners[0]} (also in --multirun sweeps over presets of that family)")
             if selected:
                 return f"unknown key '{key}': {suggest(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])])}"
         # The node that refused the key knows what it holds: a dataclass's fields, or a dict's entries (the

@@ -331,8 +331,14 @@ def _lookup(cfg: Any, dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+# Common short names that spelling similarity cannot map to this schema's keys.
+ALIASES = {"lr": "learning_rate", "wd": "weight_decay", "bs": "batch_size", "steps": "max_steps",
+           "layers": "n_layer", "heads": "n_head"}
+
+
 def suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1)
+    alias = ALIASES.get(name)
+    close = [alias] if alias in candidates else difflib.get_close_matches(name, candidates, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}allowed keys here: {', '.join(sorted(candidates))}"
 
