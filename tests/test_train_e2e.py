@@ -220,3 +220,16 @@ def test_a_run_seed_sweep_keeps_one_eval_split_and_tokenizer(tmp_path, data_cach
     assert train_losses(tmp_path / "seed1") != train_losses(tmp_path / "seed2"), "run.seed still seeds the model"
     other_split = data_of("split3", "data.split_seed=3")
     assert other_split[0] != seed1[0] and other_split[1] == 3
+
+
+def test_resuming_a_completed_run_leaves_its_artifacts_alone(tmp_path, data_cache):
+    args = ["train.max_steps=2", "checkpoint.save_every=2"]
+    assert_ok(tiny_run(tmp_path, data_cache, *args, name="done"))
+    run_dir = tmp_path / "done"
+    watched = [run_dir / name for name in ("summary.json", "final-model.safetensors", "metrics.jsonl")]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched]
+
+    again = tiny_run(tmp_path, data_cache, *args, "run.resume=auto", name="done")  # a sweep re-launched
+    assert_ok(again)
+    assert "already completed at step 2" in again.stdout + again.stderr
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched] == before

@@ -50,6 +50,16 @@ def record_config(cfg: Config, run_dir: Path) -> None:
     atomic_write_bytes(run_dir / "resolved_config.yaml", resolved_yaml(cfg).encode())
 
 
+def finished_summary(run_dir: Path, step: int, max_steps: int) -> dict | None:
+    """summary.json of a run that completed at this step with its final model written; None otherwise
+    (not yet at max_steps, or killed between its last checkpoint and its final snapshot)."""
+    path = run_dir / "summary.json"
+    if step < max_steps or not path.is_file() or not ckpt.snapshot_paths(run_dir, "final-model")[0].is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" and summary.get("final_step") == step else None
+
+
 def rng_state_for(checkpoint: dict, engine) -> dict:
     """This process's RNG state from a checkpoint; rank 0's when the world size changed."""
     by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
@@ -109,6 +119,14 @@ def train(cfg: Config, run_dir: Path) -> dict:
         state.load(int(checkpoint["step"]), checkpoint["loop_state"])
         restore_rng_state(rng_state_for(checkpoint, engine))  # last: building consumed random numbers
         log.info("resumed from %s at step %d", start_from, state.step)
+        finished = finished_summary(run_dir, state.step, cfg.train.max_steps)
+        if finished is not None:
+            # A sweep re-launched with run.resume=auto: leave a finished run's snapshots, figures, summary
+            # and wall time as they are instead of re-writing them for a run of zero steps.
+            log.info("run already completed at step %d (train.max_steps=%d): nothing to train; raise "
+                     "train.max_steps to train it longer", state.step, cfg.train.max_steps)
+            engine.close()
+            return finished
         if engine.is_main:
             record_config(cfg, run_dir)  # only now: a refused resume leaves the original run's record alone
 
