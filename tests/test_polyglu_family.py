@@ -112,3 +112,33 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     assert continued == taus[3:], "tau continues where the interrupted run left it"
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["mode"] == "polyglu" and summary["final_step"] == 6
+
+
+class _TauSink:
+    """Stands in for the model: records every tau the schedule applies."""
+
+    def __init__(self):
+        self.taus: list[float] = []
+
+    def set_tau(self, tau: float) -> None:
+        self.taus.append(tau)
+
+
+def test_tau_resumed_under_a_longer_run_warns_of_the_jump(caplog):
+    before = TauSchedule(_TauSink(), 1.0, 0.1, max_steps=10, frozen=None)
+    before.on_train_start(0)
+    for step in range(1, 7):
+        before.on_step_end(step, {})
+    state = before.state_dict()  # what a checkpoint at step 6 holds
+
+    same = TauSchedule(sink := _TauSink(), 1.0, 0.1, max_steps=10, frozen=None)
+    same.load_state_dict(state)
+    with caplog.at_level(logging.WARNING):
+        same.on_train_start(6)
+    assert not caplog.records and sink.taus == [tau_at(6, 1.0, 0.1, 10)]
+
+    longer = TauSchedule(_TauSink(), 1.0, 0.1, max_steps=20, frozen=None)
+    longer.load_state_dict(state)
+    with caplog.at_level(logging.WARNING):
+        longer.on_train_start(6)
+    assert "tau_schedule: resuming at step 6 with 0.73 where the checkpoint's run had 0.46" in caplog.text

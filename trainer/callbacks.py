@@ -6,8 +6,11 @@ A callback's state (if any) goes into every full checkpoint and comes back on re
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -40,13 +43,33 @@ class StepSchedule(Callback):
 
     def __init__(self, value_at: Callable[[int], float], apply: Callable[[float], None]):
         self.value_at, self.apply = value_at, apply
+        self.applied: float | None = None
+        self.saved: float | None = None  # the value the checkpoint's run had applied, once resumed
 
     def on_train_start(self, step):
-        self.apply(self.value_at(step))
+        value = self.value_at(step)
+        if self.saved is not None and not math.isclose(value, self.saved, rel_tol=1e-6, abs_tol=1e-12):
+            # Resumed under another schedule (typically a larger train.max_steps): say so, as the lr
+            # scheduler does, since the value jumps at this step instead of continuing smoothly.
+            log.warning("%s: resuming at step %d with %.4g where the checkpoint's run had %.4g: it follows this "
+                        "run's config (train.max_steps or the schedule's own keys changed)", self.name, step,
+                        value, self.saved)
+        self._apply(value)
 
     def on_step_end(self, step, metrics):
-        self.apply(self.value_at(step))
+        self._apply(self.value_at(step))
         return None
+
+    def _apply(self, value: float) -> None:
+        self.applied = value
+        self.apply(value)
+
+    # Not needed for an exact resume (the value is a function of the step); kept to notice a changed schedule.
+    def state_dict(self) -> dict:
+        return {} if self.applied is None else {"applied": self.applied}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved = state.get("applied")
 
 
 class NonFiniteLossGuard(Callback):
