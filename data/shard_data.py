@@ -1,7 +1,10 @@
-"""data.format=shards: open each domain's token shards and check they were made with this run's tokenizer."""
+"""data.format=shards: open each domain's token shards and check they were made with this run's tokenizer and
+the data settings that decide their tokens (source, budget, eval split)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 
@@ -11,10 +14,33 @@ from . import sources
 from .mixing import MixSchedule
 from .pipeline import DataBundle
 from .shards import ShardBlocks, ShardSet
-from .tokenize_shards import domain_dir, tokenize_command
-from .tokenizer import load_named_tokenizer
+from .tokenize_shards import (
+    LAYOUT_ONLY,
+    domain_dir,
+    settings_differences,
+    shard_settings,
+    shards_root,
+    tokenize_command,
+)
+from .tokenizer import TextTokenizer, load_named_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def check_settings(cfg: DataConfig, domain: str, shard_set: ShardSet, tokenizer: TextTokenizer) -> None:
+    """Refuse shards written from other data settings: the directory is keyed by data.name alone, so every
+    data=local corpus shares one, and training must not read another corpus's tokens in silence."""
+    wanted = shard_settings(cfg, domain, tokenizer)
+    changed = settings_differences(shard_set.index["settings"], wanted, ignore=("tokenizer", *LAYOUT_ONLY))
+    if changed:
+        # A concrete directory to paste (a placeholder such as <new> would be a shell redirect), named by
+        # these settings so the same command always suggests the same place.
+        digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+        elsewhere = f"{shards_root(cfg)}-{digest}"
+        raise UserError(f"the shards of domain {domain!r} in {shard_set.directory} were tokenized from other data "
+                        f"settings than this run's: {'; '.join(changed)}; train with the data.* settings they were "
+                        "made with, or tokenize this run's settings into another directory and train with the same "
+                        f"data.shards_dir: {tokenize_command(cfg, elsewhere)}")
 
 
 def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:
@@ -32,6 +58,7 @@ def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:
                             f"{made_with['name']!r} (fingerprint {made_with['fingerprint']}), but this run's "
                             f"data.tokenizer.name={cfg.tokenizer.name!r} is {tokenizer.fingerprint}; use the "
                             "tokenizer the shards were made with, or tokenize again into another data.shards_dir")
+        check_settings(cfg, d, shard_set, tokenizer)
         blocks = ShardBlocks(shard_set, cfg.block_size, d, domains)
         if len(blocks) == 0:
             raise UserError(f"domain {d!r} has {shard_set.num_tokens} training tokens in {shard_set.directory}, "

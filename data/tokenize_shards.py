@@ -10,6 +10,7 @@ them and continues with the next shard, which is why the result equals an uninte
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -40,8 +41,9 @@ def domain_dir(cfg: DataConfig, domain: str) -> str:
     return os.path.join(shards_root(cfg), domain)
 
 
-def tokenize_command(cfg: DataConfig) -> str:
-    extra = f" data.shards_dir={cfg.shards_dir}" if cfg.shards_dir else ""
+def tokenize_command(cfg: DataConfig, shards_dir: str | None = None) -> str:
+    shards_dir = shards_dir or cfg.shards_dir
+    extra = f" data.shards_dir={shards_dir}" if shards_dir else ""
     return f"python trainer/run.py task=tokenize data={cfg.name}{extra} (plus this run's other data.* overrides)"
 
 
@@ -54,6 +56,32 @@ def shard_settings(cfg: DataConfig, domain: str, tokenizer: TextTokenizer) -> di
         "shard_tokens": cfg.shard_tokens, "eval_tokens": cfg.eval_tokens,
         "max_tokens": cfg.domains[domain].max_tokens, "dtype": "uint32",
     }
+
+
+# Settings that cut the same token sequence into other files: shards end at document edges and a run reads
+# their concatenation, so training need not match them. The tokenizer is compared by fingerprint instead.
+LAYOUT_ONLY = ("shard_tokens",)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settings_differences(recorded: dict, wanted: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """Where this run's shard_settings (`wanted`) differ from an index's `recorded` ones, keys in `ignore` aside:
+    "key (recorded in the shards, wanted in this run)". Nested settings are named by their own keys
+    (source.files, source.filter), so a user sees what to change without reading both file lists."""
+    out = []
+    for key in sorted(recorded.keys() | wanted.keys()):
+        was, now = recorded.get(key), wanted.get(key)
+        if key in ignore or was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            out += settings_differences(was, now, prefix=f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key} ({_shown(was)} in the shards, {_shown(now)} in this run)")
+    return out
 
 
 # -- encoding, in worker processes ------------------------------------------------------------------------
@@ -197,9 +225,10 @@ def tokenize_domain(cfg: DataConfig, domain: str, tokenizer: TextTokenizer, work
     os.makedirs(directory, exist_ok=True)
     settings = shard_settings(cfg, domain, tokenizer)
     index = shards.read_index(directory)
-    if index is not None and index["settings"] != settings:
-        changed = sorted(k for k in settings if index["settings"].get(k) != settings[k])
-        raise UserError(f"{directory} was tokenized with other settings ({', '.join(changed)} differ); delete it "
+    # Resuming appends to the existing shards byte for byte, so here even layout-only settings must match.
+    changed = settings_differences(index["settings"], settings) if index is not None else []
+    if changed:
+        raise UserError(f"{directory} was tokenized with other settings ({'; '.join(changed)}); delete it "
                         "to start over, or point data.shards_dir elsewhere")
     if index is None:
         index = {"format_version": shards.FORMAT_VERSION, "domain": domain, "settings": settings,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,31 @@ def test_training_refuses_shards_of_another_tokenizer_and_missing_shards(tmp_pat
     cfg.tokenizer.name = str(other)
     with pytest.raises(UserError, match="tokenized with 'gpt2'"):
         build_shard_data(cfg, None)
+
+
+def test_training_refuses_shards_written_from_other_data_settings(tmp_path):
+    """data=local corpora share <cache_dir>/shards/local: other paths, a budget or eval split that the shards
+    were not made with must not train on them silently, while layout-only or train-time settings still may."""
+    write_corpus(tmp_path / "a.jsonl", 200, seed=8)
+    write_corpus(tmp_path / "b.jsonl", 200, seed=9)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
+    cfg.domains["text"].max_tokens = 6000
+    tokenize_shards.tokenize_data(cfg)
+    cfg.shard_tokens, cfg.block_size, cfg.tokenize_workers = 999, 16, 3  # decide nothing a run reads
+    build_shard_data(cfg, None)
+
+    changes = {"source.files": ("paths", [str(tmp_path / "b.jsonl")]), "max_tokens": ("max_tokens", None),
+               "source.text_fields": ("text_fields", ["text", "title"])}
+    for shown, (key, value) in changes.items():
+        changed = copy.deepcopy(cfg)
+        setattr(changed.domains["text"], key, value)
+        with pytest.raises(UserError, match=rf"{re.escape(shown)}.*task=tokenize data=local") as err:
+            build_shard_data(changed, None)
+        assert "data.shards_dir" in str(err.value) and "\n" not in str(err.value)
+    changed = copy.deepcopy(cfg)
+    changed.eval_tokens = 800
+    with pytest.raises(UserError, match=r"eval_tokens \(500 in the shards, 800 in this run\)"):
+        build_shard_data(changed, None)
 
 
 def test_offline_hub_source_fails_fast_naming_dataset_and_local_alternative(tmp_path, monkeypatch):
