@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from trainer.hub import require_hub
 from trainer.schema import DomainConfig, UserError
 
+from .local_files import kept
+
 
 def check_reachable(domain: str, dcfg: DomainConfig) -> None:
     """Fail in seconds, naming the dataset and what works offline, instead of `datasets` retrying for a minute."""
@@ -43,7 +45,7 @@ def hub_documents(domain: str, dcfg: DomainConfig) -> Iterator[str]:
         if missing:
             raise UserError(f"data.domains.{domain}.text_fields={fields} names {missing[0]!r}, which "
                             f"{dcfg.dataset!r} rows lack; available columns: {', '.join(sorted(row))}")
-        if any(str(row.get(k)) != str(v) for k, v in dcfg.filter.items()):
+        if not kept(row, dcfg.filter):
             continue
         text = "\n".join(str(row[f]) for f in fields if row[f] is not None and str(row[f]).strip())
         if text.strip():

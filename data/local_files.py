@@ -11,7 +11,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from trainer.schema import UserError
 
@@ -92,7 +92,18 @@ def _join(values: Iterable) -> str:
     return "\n".join(s for s in (None if v is None else str(v) for v in values) if s)
 
 
-def _jsonl_documents(key: str, path: str, fields: list[str]) -> Iterator[str]:
+def kept(row: Mapping, row_filter: Mapping) -> bool:
+    """A domain's `filter`: keep a row whose every named field equals the wanted value, compared as strings
+    (a YAML 3 matches a column's 3). A row lacking the field compares as "None". The hub source uses this
+    too, so data.source=local keeps exactly the rows the hub path would."""
+    return all(str(row.get(k)) == str(v) for k, v in row_filter.items())
+
+
+def _filter_key(key: str) -> str:
+    return key.removesuffix(".paths") + ".filter"  # key is data.domains.<d>.paths
+
+
+def _jsonl_documents(key: str, path: str, fields: list[str], row_filter: Mapping) -> Iterator[str]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -109,10 +120,11 @@ def _jsonl_documents(key: str, path: str, fields: list[str]) -> Iterator[str]:
             if not any(k in row for k in fields):
                 raise UserError(f"{key}: {path} line {lineno} has none of text_fields={fields}; "
                                 f"its keys: {', '.join(sorted(map(str, row))) or '(none)'}")
-            yield _join(row.get(k) for k in fields)
+            if kept(row, row_filter):
+                yield _join(row.get(k) for k in fields)
 
 
-def _parquet_documents(key: str, path: str, fields: list[str]) -> Iterator[str]:
+def _parquet_documents(key: str, path: str, fields: list[str], row_filter: Mapping) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -125,10 +137,16 @@ def _parquet_documents(key: str, path: str, fields: list[str]) -> Iterator[str]:
         # Unlike a JSON line, every row shares the schema: a missing column is a config mistake, not a bad row.
         raise UserError(f"{key}: {path} has no column {missing[0]!r} (text_fields={fields}); "
                         f"its columns: {', '.join(columns)}")
-    for batch in pf.iter_batches(columns=fields, batch_size=1024):
-        cols = [batch.column(c).to_pylist() for c in fields]
-        for values in zip(*cols, strict=True):
-            yield _join(values)
+    missing = [c for c in row_filter if c not in columns]
+    if missing:  # the hub path would drop every row here; a shared schema makes it a config mistake
+        raise UserError(f"{_filter_key(key)}: {path} has no column {missing[0]!r} (filter={dict(row_filter)}); "
+                        f"its columns: {', '.join(columns)}")
+    read = list(dict.fromkeys([*fields, *row_filter]))
+    for batch in pf.iter_batches(columns=read, batch_size=1024):
+        cols = {c: batch.column(c).to_pylist() for c in read}
+        for i in range(batch.num_rows):
+            if kept({c: cols[c][i] for c in row_filter}, row_filter):
+                yield _join(cols[c][i] for c in fields)
 
 
 def _text_document(path: str) -> Iterator[str]:
@@ -136,28 +154,36 @@ def _text_document(path: str) -> Iterator[str]:
         yield f.read()
 
 
-def local_documents(key: str, patterns: list[str], text_fields: list[str]) -> Iterator[str]:
+def local_documents(key: str, patterns: list[str], text_fields: list[str],
+                    row_filter: Mapping | None = None) -> Iterator[str]:
     """Documents in a deterministic order (file order of expand_paths, then order inside each file):
     - .jsonl / .jsonl.gz / .json (JSON Lines: one object per line; blank lines skipped): one document per line,
       the `text_fields` values (skipping None/empty) joined with "\\n". A line that is not a JSON object, or lacks
       every one of text_fields -> UserError naming the file, the line number, and the keys it does have.
     - .txt / .txt.gz / .md: the whole file is one document (utf-8, errors="replace").
     - .parquet: one document per row, text_fields columns joined like jsonl (pyarrow imported lazily).
-    Documents whose text is empty or whitespace-only are skipped."""
+    Documents whose text is empty or whitespace-only are skipped. `row_filter` keeps only the JSON Lines /
+    Parquet rows that kept() accepts; a filter over plain-text files, which have no fields, is a UserError."""
     paths = expand_paths(key, patterns)  # eager: a bad pattern fails before any tokenization starts
     fields = [str(f) for f in (text_fields or [])]
+    row_filter = dict(row_filter or {})
     structured = [p for p in paths if _suffix(p) not in _TEXT]
     if structured and not fields:
         raise UserError(f"text_fields is empty but {key} names {structured[0]}; "
                         "name the JSON key(s) / Parquet column(s) holding the text, e.g. [text]")
+    plain = [p for p in paths if _suffix(p) in _TEXT]
+    if row_filter and plain:  # reading them unfiltered would mix in exactly the text the filter is there to drop
+        raise UserError(f"{_filter_key(key)}={row_filter} keeps rows by their fields, but {key} names {plain[0]}, "
+                        "which is plain text (one document per file, no fields); name only .jsonl / .parquet "
+                        "files there, or remove the filter")
     for path in paths:
         suffix = _suffix(path)
         if suffix in _JSONL:
-            docs = _jsonl_documents(key, path, fields)
+            docs = _jsonl_documents(key, path, fields, row_filter)
         elif suffix in _TEXT:
             docs = _text_document(path)
         else:
-            docs = _parquet_documents(key, path, fields)
+            docs = _parquet_documents(key, path, fields, row_filter)
         try:
             for doc in docs:
                 if doc.strip():

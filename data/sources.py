@@ -81,8 +81,11 @@ def domain_signature(cfg: DataConfig, domain: str) -> dict:
     """What identifies one domain's documents: the recipe for hub and embedded text, the files for local."""
     d = cfg.domains[domain]
     if cfg.source == "local":
-        return {"source": "local", "files": local_files.local_signature(paths_key(domain), list(d.paths)),
-                "text_fields": list(d.text_fields)}
+        sig = {"source": "local", "files": local_files.local_signature(paths_key(domain), list(d.paths)),
+               "text_fields": list(d.text_fields)}
+        if d.filter:  # only when set, so shards and caches made before local filters applied stay valid
+            sig["filter"] = dict(sorted(d.filter.items()))
+        return sig
     if cfg.source == "hub":
         # Hub datasets are keyed by name only: delete the cache or shards to pick up upstream changes.
         return {"source": "hub", "dataset": d.dataset, "config": d.config, "split": d.split,
@@ -98,7 +101,7 @@ def domain_documents(cfg: DataConfig, domain: str) -> Iterator[str]:
     if cfg.source == "hub":
         return hub.hub_documents(domain, d)
     if cfg.source == "local":
-        return local_files.local_documents(paths_key(domain), list(d.paths), list(d.text_fields))
+        return local_files.local_documents(paths_key(domain), list(d.paths), list(d.text_fields), dict(d.filter))
     docs, _ = load_documents(cfg, only=domain)
     return iter(docs[domain])
 
@@ -117,9 +120,11 @@ def load_documents(cfg: DataConfig, only: str | None = None) -> tuple[dict[str, 
         elif cfg.source == "local":
             d = cfg.domains[name]
             docs[name] = take_until(local_files.local_documents(paths_key(name), list(d.paths),
-                                                                list(d.text_fields)), max_bytes)
+                                                                list(d.text_fields), dict(d.filter)), max_bytes)
             prov[name] = {"origin": "local files", "files": local_files.expand_paths(paths_key(name), list(d.paths)),
                           "text_fields": list(d.text_fields), "licence": "the files' own (not checked by this trainer)"}
+            if d.filter:
+                prov[name]["filter"] = dict(d.filter)
         elif name == "math":
             docs[name] = take_until(math_problems.math_documents(max_bytes), max_bytes)
             prov[name] = math_problems.provenance()

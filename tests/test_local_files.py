@@ -8,8 +8,9 @@ import os
 
 import pytest
 
+from data import hub, sources
 from data.local_files import SUPPORTED, expand_paths, local_documents, local_signature
-from trainer.schema import UserError
+from trainer.schema import DataConfig, DomainConfig, UserError
 
 KEY = "data.domains.math.paths"
 
@@ -161,3 +162,51 @@ def test_signature_tracks_paths_and_sizes(tmp_path):
     assert local_signature(KEY, [str(tmp_path)]) == sig
     write_jsonl(tmp_path / "a.jsonl", [{"text": "A"}, {"text": "more"}])
     assert local_signature(KEY, [str(tmp_path)]) != sig
+
+
+# github-code-like rows, as polyglu-mix's code domain reads them with filter {language: Python}.
+CODE_ROWS = [{"code": "print(1)", "language": "Python", "stars": 3}, {"code": "int x;", "language": "C", "stars": 3},
+             {"code": "no language", "stars": 3}, {"code": "x = 2", "language": "Python", "stars": 4},
+             {"code": "   ", "language": "Python", "stars": 3}]
+
+
+def code_cfg(path, row_filter) -> DataConfig:
+    return DataConfig(name="local", source="local", domains={
+        "code": DomainConfig(paths=[str(path)], text_fields=["code"], filter=dict(row_filter))})
+
+
+@pytest.mark.parametrize("row_filter", [{"language": "Python"}, {"language": "Python", "stars": "3"}, {}])
+def test_filter_keeps_the_rows_the_hub_source_keeps_from_jsonl_and_parquet(tmp_path, monkeypatch, row_filter):
+    """data.source=local is polyglu-mix's offline way: its code domain must stay Python-only there too."""
+    monkeypatch.setattr(hub, "_load_stream", lambda domain, dcfg: iter(CODE_ROWS))
+    wanted = list(hub.hub_documents("code", DomainConfig(dataset="x", text_fields=["code"], filter=row_filter)))
+    assert len(wanted) == {0: 4, 1: 2, 2: 1}[len(row_filter)]  # stars=3 is matched as the string "3"
+
+    jsonl = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+    assert list(sources.domain_documents(code_cfg(jsonl, row_filter), "code")) == wanted
+    docs_by_domain, prov = sources.load_documents(code_cfg(jsonl, row_filter))  # the memory format
+    assert docs_by_domain["code"] == wanted and prov["code"].get("filter", {}) == row_filter
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist(CODE_ROWS), tmp_path / "code.parquet")
+    assert list(sources.domain_documents(code_cfg(tmp_path / "code.parquet", row_filter), "code")) == wanted
+
+
+def test_filter_on_files_without_the_field_is_refused(tmp_path):
+    (tmp_path / "a.py.txt").write_text("print(1)\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"data\.domains\.code\.filter=.*a\.py\.txt, which is plain text.*no fields"):
+        list(sources.domain_documents(code_cfg(tmp_path, {"language": "Python"}), "code"))
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"code": ["x = 1"]}), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match=r"b\.parquet has no column 'language' \(filter=.*its columns: code"):
+        list(sources.domain_documents(code_cfg(tmp_path / "b.parquet", {"language": "Python"}), "code"))
+
+
+def test_filter_is_part_of_the_local_source_signature(tmp_path):
+    path = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+    plain = sources.domain_signature(code_cfg(path, {}), "code")
+    python = sources.domain_signature(code_cfg(path, {"language": "Python"}), "code")
+    assert python != plain and python["filter"] == {"language": "Python"}
+    assert "filter" not in plain  # shards and caches written before filters applied stay valid without one
+    assert sources.signature(code_cfg(path, {"language": "C"})) != sources.signature(code_cfg(path, {}))
