@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 
 from trainer.schema import DataConfig, UserError
@@ -30,8 +31,18 @@ log = logging.getLogger(__name__)
 def check_settings(cfg: DataConfig, domain: str, shard_set: ShardSet, tokenizer: TextTokenizer) -> None:
     """Refuse shards written from other data settings: the directory is keyed by data.name alone, so every
     data=local corpus shares one, and training must not read another corpus's tokens in silence."""
-    wanted = shard_settings(cfg, domain, tokenizer)
-    changed = settings_differences(shard_set.index["settings"], wanted, ignore=("tokenizer", *LAYOUT_ONLY))
+    recorded = shard_set.index["settings"]
+    try:
+        wanted = shard_settings(cfg, domain, tokenizer)
+    except UserError as err:
+        if cfg.source != "local":
+            raise
+        # Shards are often tokenized where the raw files live and copied to where training runs, which may not
+        # have them: check every other setting, and say that the files could not be.
+        log.warning("domain %r: the shards in %s cannot be checked against its source files here (%s); trusting "
+                    "they were made from them", domain, shard_set.directory, err)
+        wanted = shard_settings(cfg, domain, tokenizer, local_files_seen=recorded["source"].get("files"))
+    changed = settings_differences(_portable(recorded), _portable(wanted), ignore=("tokenizer", *LAYOUT_ONLY))
     if changed:
         # A concrete directory to paste (a placeholder such as <new> would be a shell redirect), named by
         # these settings so the same command always suggests the same place.
@@ -41,6 +52,16 @@ def check_settings(cfg: DataConfig, domain: str, shard_set: ShardSet, tokenizer:
                         f"settings than this run's: {'; '.join(changed)}; train with the data.* settings they were "
                         "made with, or tokenize this run's settings into another directory and train with the same "
                         f"data.shards_dir: {tokenize_command(cfg, elsewhere)}")
+
+
+def _portable(settings: dict) -> dict:
+    """Local source files compared by name and size, not directory: shards and their raw files may be copied
+    together to another machine or path, and that is the same corpus."""
+    source = settings.get("source") or {}
+    if source.get("source") != "local" or not source.get("files"):
+        return settings
+    return {**settings, "source": {**source, "files": [[os.path.basename(path), size]
+                                                       for path, size in source["files"]]}}
 
 
 def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:

@@ -77,12 +77,14 @@ def signature(cfg: DataConfig) -> list:
     return sig
 
 
-def domain_signature(cfg: DataConfig, domain: str) -> dict:
-    """What identifies one domain's documents: the recipe for hub and embedded text, the files for local."""
+def domain_signature(cfg: DataConfig, domain: str, local_files_seen: list | None = None) -> dict:
+    """What identifies one domain's documents: the recipe for hub and embedded text, the files for local.
+    `local_files_seen` stands in for a local source's files where they are not on this machine."""
     d = cfg.domains[domain]
     if cfg.source == "local":
-        sig = {"source": "local", "files": local_files.local_signature(paths_key(domain), list(d.paths)),
-               "text_fields": list(d.text_fields)}
+        files = local_files_seen if local_files_seen is not None else \
+            local_files.local_signature(paths_key(domain), list(d.paths))
+        sig = {"source": "local", "files": files, "text_fields": list(d.text_fields)}
         if d.filter:  # only when set, so shards and caches made before local filters applied stay valid
             sig["filter"] = dict(sorted(d.filter.items()))
         return sig

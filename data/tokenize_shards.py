@@ -47,10 +47,12 @@ def tokenize_command(cfg: DataConfig, shards_dir: str | None = None) -> str:
     return f"python trainer/run.py task=tokenize data={cfg.name}{extra} (plus this run's other data.* overrides)"
 
 
-def shard_settings(cfg: DataConfig, domain: str, tokenizer: TextTokenizer) -> dict:
-    """Everything that decides the shards' bytes; a resumed run must match it exactly."""
+def shard_settings(cfg: DataConfig, domain: str, tokenizer: TextTokenizer,
+                   local_files_seen: list | None = None) -> dict:
+    """Everything that decides the shards' bytes; a resumed run must match it exactly. `local_files_seen`: see
+    sources.domain_signature."""
     return {
-        "source": sources.domain_signature(cfg, domain),
+        "source": sources.domain_signature(cfg, domain, local_files_seen),
         "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
                       "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
         "shard_tokens": cfg.shard_tokens, "eval_tokens": cfg.eval_tokens,

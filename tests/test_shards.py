@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import multiprocessing
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +248,33 @@ def test_training_refuses_shards_written_from_other_data_settings(tmp_path):
     changed.eval_tokens = 800
     with pytest.raises(UserError, match=r"eval_tokens \(500 in the shards, 800 in this run\)"):
         build_shard_data(changed, None)
+
+
+def test_shards_train_where_their_source_files_moved_or_are_absent(tmp_path, caplog):
+    """Shards are tokenized where the raw files live and often copied, with or without them, to where training
+    runs: the same files under another directory are the same corpus, and absent ones cannot be checked."""
+    write_corpus(tmp_path / "raw" / "a.jsonl", 200, seed=8)
+    cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "raw" / "a.jsonl")
+    tokenize_shards.tokenize_data(cfg)
+
+    moved = tmp_path / "elsewhere" / "a.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(tmp_path / "raw" / "a.jsonl", moved)
+    (tmp_path / "raw" / "a.jsonl").unlink()
+    cfg.domains["text"].paths = [str(moved)]
+    build_shard_data(cfg, None)  # same name and size: accepted without a word
+
+    moved.write_text(moved.read_text() + '{"text": "one more document"}\n')
+    with pytest.raises(UserError, match="source.files"):
+        build_shard_data(cfg, None)  # the file changed: another corpus
+
+    moved.unlink()
+    with caplog.at_level(logging.WARNING):
+        bundle = build_shard_data(cfg, None)
+    assert "cannot be checked against its source files" in caplog.text and len(bundle.eval["text"]) >= 1
+    cfg.domains["text"].max_tokens = 6000  # what can still be checked still is
+    with pytest.raises(UserError, match="max_tokens"):
+        build_shard_data(cfg, None)
 
 
 def test_offline_hub_source_fails_fast_naming_dataset_and_local_alternative(tmp_path, monkeypatch):
