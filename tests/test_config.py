@@ -142,6 +142,9 @@ def test_validation_rejects_with_one_line(override, needle):
 @pytest.mark.parametrize("args,needles", [
     (["train.max_step=5"], ["train.max_step", "did you mean 'max_steps'"]),
     (["train.batch_size=abc"], ["train.batch_size", "abc", "expected an integer, for example train.batch_size="]),
+    (["data=local", "data.domains.text.filter.language=Python"],
+     ["data.domains.text.filter has no entry 'language' yet; add one with a leading +: "
+      "+data.domains.text.filter.language=<value>"]),
     (["optim.lr=1e-3"], ["'optim.lr': did you mean 'learning_rate'?"]),
     (["model=polyglu", "model.n_layer=2"], ["not to the selected polyglu (did you mean model.n_layers?)"]),
     (["model=moe", "model.moe_layers=8"], ["expected a list, for example model.moe_layers=[8,9,10,11]"]),

@@ -53,6 +53,11 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
         # The node that refused the key knows what it holds: a dataclass's fields, or a dict's entries (the
         # composed data.domains); the schema alone cannot list a dict's entries.
         candidates = keys_of(getattr(err, "parent_node", None)) or allowed_keys_at(parent)
+        if not candidates and getattr(err, "object_type", None) is dict:
+            # An empty mapping such as a domain's filter: its entries are the user's to name, but Hydra adds a
+            # key to a config node only when told to with '+'.
+            return (f"unknown key '{key}': {'.'.join(parent)} has no entry '{leaf}' yet; add one with a leading "
+                    f"+: +{key}=<value>")
         line = f"unknown key '{key}': {suggest(leaf, candidates)}"
         if parent == ["data", "domains"]:
             line += f"; a new domain goes in a data entry: {NEW_DOMAIN_HOW}"
