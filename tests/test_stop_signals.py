@@ -83,3 +83,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_ru
     assert ([{k: v for k, v in row.items() if k not in drop_timing} for row in metrics(cut)]
             == [{k: v for k, v in row.items() if k not in drop_timing} for row in metrics(tmp_path / "whole")])
     assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
+
+
+def test_an_interrupt_nothing_else_handled_ends_in_one_line_and_130(monkeypatch, capsys):
+    # Tokenizing, preparing data, or a second Ctrl-C while training: KeyboardInterrupt reaches the entrypoint.
+    import trainer.run as entrypoint
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entrypoint, "main", interrupted)
+    assert entrypoint.cli() == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)") and "run.resume=auto" in lines[0]

@@ -58,6 +58,12 @@ def main(cfg) -> None:
 def cli() -> int:
     try:
         main()
+    except KeyboardInterrupt:
+        # Reached when nothing handled Ctrl-C itself (tokenizing, data preparation, a second Ctrl-C while
+        # training): whatever was being written is atomic or resumable, so a traceback would only alarm.
+        print("interrupted (Ctrl-C): task=tokenize continues where it stopped when run again; a training run "
+              "continues from its last checkpoint with run.resume=auto", file=sys.stderr)
+        return 130
     except Exception as err:
         message = explain(err)
         if message is None:
