@@ -67,6 +67,10 @@ def _portable(settings: dict) -> dict:
 def build_shard_data(cfg: DataConfig, mix: MixSchedule | None) -> DataBundle:
     start = time.perf_counter()
     domains = sources.check_domains(cfg)
+    if cfg.balance_tokens:
+        # Set by the MoE presets for the in-memory corpus; with shards it would silently not happen.
+        log.warning("data.balance_tokens=true applies to data.format=memory and is ignored with shards: cap each "
+                    "domain with data.domains.<d>.max_tokens when tokenizing, or weigh domains with data.mix")
     hint = tokenize_command(cfg)
     # Shards first: a missing one says how to make it before a hub tokenizer can fail offline.
     shard_sets = {d: ShardSet(domain_dir(cfg, d), f"data.domains.{d}", hint) for d in domains}

@@ -269,9 +269,11 @@ def test_shards_train_where_their_source_files_moved_or_are_absent(tmp_path, cap
         build_shard_data(cfg, None)  # the file changed: another corpus
 
     moved.unlink()
+    cfg.balance_tokens = True  # as the MoE presets set it for the in-memory corpus
     with caplog.at_level(logging.WARNING):
         bundle = build_shard_data(cfg, None)
     assert "cannot be checked against its source files" in caplog.text and len(bundle.eval["text"]) >= 1
+    assert "data.balance_tokens=true applies to data.format=memory and is ignored with shards" in caplog.text
     cfg.domains["text"].max_tokens = 6000  # what can still be checked still is
     with pytest.raises(UserError, match="max_tokens"):
         build_shard_data(cfg, None)
