@@ -61,16 +61,14 @@ def mix_schedule(cfg: DataConfig) -> MixSchedule | None:
 
 
 def split_documents(docs: list[str], eval_fraction: float, seed: int, domain: str,
-                    size_mb: float) -> tuple[list[str], list[str]]:
+                    size_mb: float, source: str = "embedded") -> tuple[list[str], list[str]]:
     """Hold out whole documents before any packing, so no eval text can leak into a training block."""
     if len(docs) < 2:
-        if sum(len(d.encode()) for d in docs) < size_mb * 1e6:
-            # The source ran out before the size cap: more megabytes cannot help, more documents can.
-            raise UserError(f"domain {domain!r} has only {len(docs)} document(s) in its source; the train/eval "
-                            "split needs at least 2 (a .txt or .md file is one document; a JSON Lines file has "
-                            f"one per line): add documents to data.domains.{domain}")
+        # Local files may simply hold one document (a .txt file is one), which no data.size_mb can fix.
+        also = (f", or, if the source holds only one (a .txt or .md file is one document; JSON Lines has one per "
+                f"line), add documents to data.domains.{domain}") if source == "local" else ""
         raise UserError(f"data.size_mb={size_mb} gives domain {domain!r} only {len(docs)} document(s); "
-                        "the train/eval split needs at least 2, so raise data.size_mb")
+                        f"the train/eval split needs at least 2, so raise data.size_mb{also}")
     # Each domain gets its own stream, so adding a domain does not reshuffle the others.
     rng = np.random.default_rng((seed % 2**64, zlib.crc32(domain.encode())))
     order = rng.permutation(len(docs))
@@ -131,7 +129,7 @@ def _load_cached(cfg: DataConfig, corpus: str) -> tuple[TextTokenizer, dict, dic
 
 def _build_streams(cfg: DataConfig, seed: int, corpus: str) -> tuple[TextTokenizer, dict, dict]:
     docs, provenance = sources.load_documents(cfg)
-    splits = {d: split_documents(docs[d], cfg.eval_fraction, seed, d, cfg.size_mb) for d in docs}
+    splits = {d: split_documents(docs[d], cfg.eval_fraction, seed, d, cfg.size_mb, cfg.source) for d in docs}
     train_texts = [text for d in sorted(splits) for text in splits[d][0]]
     tokenizer, tok_file = build_tokenizer(cfg.tokenizer, cfg.cache_dir, train_texts)
     streams = {}

@@ -196,11 +196,12 @@ def test_too_small_for_a_block_is_a_user_error(tmp_path):
         build_data(small_cfg(tmp_path, size_mb=0.002, block_size=4096), seed=0)
 
 
-def test_a_source_with_one_document_is_told_to_add_documents_not_megabytes():
+def test_a_local_source_with_one_document_is_also_told_to_add_documents():
     from data.pipeline import split_documents
 
-    with pytest.raises(UserError, match="domain 'text' has only 1 document.* add documents to data.domains.text"):
-        split_documents(["one small file"], 0.1, seed=0, domain="text", size_mb=100.0)
-    # Capped by size_mb (the source had more): raising it is the fix.
-    with pytest.raises(UserError, match="data.size_mb=1e-05 gives domain 'text' only 1 document.* raise data.size_mb"):
-        split_documents(["x" * 20], 0.1, seed=0, domain="text", size_mb=1e-5)
+    with pytest.raises(UserError, match="only 1 document.* raise data.size_mb, or, if the source holds only one .*"
+                                        "add documents to data.domains.text"):
+        split_documents(["one small file"], 0.1, seed=0, domain="text", size_mb=100.0, source="local")
+    with pytest.raises(UserError, match=r"only 1 document\(s\); the train/eval split needs at least 2, so raise "
+                                        r"data.size_mb$"):
+        split_documents(["x" * 20], 0.1, seed=0, domain="code", size_mb=1e-5)  # embedded: megabytes are the fix
