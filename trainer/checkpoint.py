@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from trainer.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
-from trainer.schema import MODEL_SCHEMAS, UserError
+from trainer.schema import MODEL_SCHEMAS, UserError, as_override
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,7 @@ def _override_for(name: str, value: Any) -> str:
     if field == "vocab_size":
         return f"the tokenizer it was trained with (vocab size {value}; data.tokenizer)"
     if any(field in {f.name for f in fields(schema)} for schema in MODEL_SCHEMAS.values()):
-        shown = value if not isinstance(value, (list, tuple)) else "[" + ",".join(map(str, value)) + "]"
-        return f"model.{field}={shown}"
+        return f"model.{field}={as_override(value)}"
     return f"the checkpoint's {field}={_show(value)}"
 
 

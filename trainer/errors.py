@@ -10,17 +10,12 @@ import re
 from dataclasses import fields
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, expected_value, suggest
+from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, expected_value, keys_of, suggest
 
 NEW_DOMAIN_HOW = ("copy conf/data/local.yaml to conf/data/<name>.yaml (or to <dir>/data/<name>.yaml with "
                   "hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")
-
-
-def keys_of(node: object) -> list[str]:
-    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
 def _group_of(err: MissingConfigException) -> str:
@@ -50,8 +45,6 @@ def _omegaconf_line(err: OmegaConfBaseException) -> str:
                         f"{meant}; add model={owners[0]} (also in --multirun sweeps over presets of that family)")
             if selected:
                 return f"unknown key '{key}': {suggest(leaf, [x.name for x in fields(MODEL_SCHEMAS[selected])])}"
-        # The node that refused the key knows what it holds: a dataclass's fields, or a dict's entries (the
-        # composed data.domains); the schema alone cannot list a dict's entries.
         candidates = keys_of(getattr(err, "parent_node", None)) or allowed_keys_at(parent)
         if not candidates and getattr(err, "object_type", None) is dict:
             # An empty mapping such as a domain's filter: its entries are the user's to name, but Hydra adds a

@@ -353,7 +353,7 @@ def _schema_node(schema: Any, path: list[str]) -> Any:
             return None
         if part == "model" and node is Config:
             return _ModelKeys
-        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
+        default = _default(spec)
         node = type(default) if is_dataclass(default) else None
     return node
 
@@ -370,12 +370,17 @@ def allowed_keys_at(path: list[str], schema: Any = None) -> list[str]:
     return [f.name for f in fields(node)] if node is not None and is_dataclass(node) else []
 
 
+def keys_of(node: object) -> list[str]:
+    """The keys of the OmegaConf node that refused a key: a dataclass's fields, or a dict's entries (such as the
+    composed data.domains), which the schema alone cannot list. Empty for anything else."""
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
 def _explain(err: OmegaConfBaseException, schema: type, prefix: str = "") -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
         *parent, leaf = str(key).split(".")
-        node = getattr(err, "parent_node", None)  # it knows a dict's entries, which the schema cannot list
-        candidates = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        candidates = keys_of(getattr(err, "parent_node", None))
         return f"unknown key '{prefix}{key}': {suggest(leaf, candidates or allowed_keys_at(parent, schema))}"
     detail = str(err).splitlines()[0]
     if isinstance(err, ValidationError):
@@ -406,17 +411,22 @@ def expected_value(node: Any, leaf: str, key: str) -> str:
         words = _TYPE_WORDS[base]
     else:
         return ""
-    default = spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
-    example = "" if default in (None, MISSING) else f", for example {key}={_as_override(default)}"
+    default = _default(spec)
+    example = "" if default in (None, MISSING) else f", for example {key}={as_override(default)}"
     return f"; expected {words}{' or null' if optional else ''}{example}"
 
 
-def _as_override(value: Any) -> str:
+def as_override(value: Any) -> str:
+    """A value as written on the command line: true/false, [8,9,10,11]."""
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(as_override(v) for v in value) + "]"
     return str(value)
+
+
+def _default(spec: Any) -> Any:
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default  # type: ignore[misc]
 
 
 def resolved_yaml(config: Config) -> str:
