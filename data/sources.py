@@ -117,12 +117,11 @@ def load_documents(cfg: DataConfig, only: str | None = None) -> tuple[dict[str, 
         if only is not None and name != only:
             continue
         if cfg.source == "hub":
-            docs[name] = take_until(hub.hub_documents(name, cfg.domains[name]), max_bytes)
+            docs[name] = take_until(domain_documents(cfg, name), max_bytes)
             prov[name] = hub.provenance(name, cfg.domains[name])
         elif cfg.source == "local":
             d = cfg.domains[name]
-            docs[name] = take_until(local_files.local_documents(paths_key(name), list(d.paths),
-                                                                list(d.text_fields), dict(d.filter)), max_bytes)
+            docs[name] = take_until(domain_documents(cfg, name), max_bytes)
             prov[name] = {"origin": "local files", "files": local_files.expand_paths(paths_key(name), list(d.paths)),
                           "text_fields": list(d.text_fields), "licence": "the files' own (not checked by this trainer)"}
             if d.filter:
