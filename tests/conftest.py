@@ -27,6 +27,17 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
+def compose_validated(overrides: list[str]):
+    """The typed Config trainer/run.py would train with, composed in-process from conf/."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.schema import register_schemas, validate
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return validate(compose("config", overrides=overrides))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,23 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, compose_validated, run_cli
 from trainer.errors import explain
-from trainer.schema import UserError, register_schemas, validate
+from trainer.schema import UserError, validate
 
 CONF = ROOT / "conf"
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_validated(overrides: list[str]):
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return validate(compose("config", overrides=overrides))
 
 
 def test_the_groups_the_design_promises_exist():

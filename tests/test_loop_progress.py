@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 
-from hydra import compose, initialize_config_dir
-
 import trainer.loop as loop_module
-from tests.conftest import ROOT, TINY, TINY_GPT2
+from tests.conftest import TINY, TINY_GPT2, compose_validated
 from trainer.fit import train
-from trainer.schema import register_schemas, validate
 
 
 class RecordingBar:
@@ -32,10 +29,8 @@ class RecordingBar:
 
 
 def test_each_step_of_the_bar_shows_that_steps_loss(tmp_path, data_cache, monkeypatch):
-    register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = validate(compose("config", overrides=[*TINY_GPT2, *TINY, f"data.cache_dir={data_cache}",
-                                                    "train.max_steps=5", "train.log_every=1"]))
+    cfg = compose_validated([*TINY_GPT2, *TINY, f"data.cache_dir={data_cache}", "train.max_steps=5",
+                             "train.log_every=1"])
     RecordingBar.drawn = []
     monkeypatch.setattr(loop_module, "tqdm", RecordingBar)
     run_dir = tmp_path / "run"
