@@ -12,9 +12,11 @@ from .local_files import kept
 
 def check_reachable(domain: str, dcfg: DomainConfig) -> None:
     """Fail in seconds, naming the dataset and what works offline, instead of `datasets` retrying for a minute."""
-    shown = f"{dcfg.dataset} {list(dcfg.data_files)}" if dcfg.data_files else dcfg.dataset
-    require_hub(f"data.domains.{domain}.dataset", shown, f"offline, use local files instead "
-                f"(data.source=local data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded")
+    # A generic loader (`parquet`, `json`) names nothing by itself: the hub files it reads are the news.
+    detail = f" reading data_files={list(dcfg.data_files)}" if dcfg.data_files else ""
+    require_hub(f"data.domains.{domain}.dataset", dcfg.dataset, f"offline, use local files instead "
+                f"(data.source=local data.domains.{domain}.paths=[...], jsonl, txt or parquet) or data=embedded",
+                detail)
 
 
 def _load_stream(domain: str, dcfg: DomainConfig):

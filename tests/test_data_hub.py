@@ -63,6 +63,17 @@ def test_offline_hub_dataset_fails_fast(tmp_path, offline):
     assert "data=embedded" in msg and "\n" not in msg
 
 
+def test_offline_generic_loader_names_its_hub_files(tmp_path, offline):
+    """polyglu-mix reads github-code through the generic `parquet` loader: the message names the files."""
+    cfg = hub_cfg(tmp_path)
+    cfg.domains["code"] = DomainConfig(dataset="parquet", data_files=["hf://datasets/org/set/train-*.parquet"])
+    with pytest.raises(UserError) as err:
+        build_data(cfg, seed=0)
+    msg = str(err.value)
+    assert msg.startswith("data.domains.code.dataset='parquet' reading data_files=['hf://datasets/org/set/train-")
+    assert "needs the Hugging Face Hub" in msg and "\n" not in msg
+
+
 def test_offline_hub_tokenizer_fails_fast(tmp_path, offline):
     start = time.perf_counter()
     with pytest.raises(UserError) as err:

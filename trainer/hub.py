@@ -40,8 +40,9 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return _probe(_hub_host(), timeout_s)
 
 
-def require_hub(key: str, value: str, alternative: str) -> None:
-    """Raise a one-line UserError unless the hub is reachable. `alternative` says what works offline."""
+def require_hub(key: str, value: str, alternative: str, detail: str = "") -> None:
+    """Raise a one-line UserError unless the hub is reachable. `alternative` says what works offline;
+    `detail` (such as the hub files a generic loader reads) follows the value."""
     if not hub_reachable():
-        raise UserError(f"{key}={value!r} needs the Hugging Face Hub, which is not reachable from this machine; "
-                        f"{alternative}")
+        raise UserError(f"{key}={value!r}{detail} needs the Hugging Face Hub, which is not reachable from this "
+                        f"machine; {alternative}")
