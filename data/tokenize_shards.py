@@ -244,23 +244,23 @@ def tokenize_domain(cfg: DataConfig, domain: str, tokenizer: TextTokenizer, work
         log.info("%s: resuming after %d finished shard(s), skipping %d documents", domain, len(index["train"]), skip)
     builder = ShardBuilder(directory, index, cfg.eval_tokens, cfg.shard_tokens, cfg.domains[domain].max_tokens)
     budget = cfg.domains[domain].max_tokens
-    bar = tqdm(total=None if budget is None else budget + cfg.eval_tokens, initial=builder.train_tokens,
-               unit="tok", unit_scale=True, desc=f"tokenize {domain}", dynamic_ncols=True, mininterval=1.0)
     start, new_tokens = time.perf_counter(), 0
     docs = islice(sources.domain_documents(cfg, domain), skip, None)
     budget_reached = False
-    for flat, lengths in encoded_batches(docs, tokenizer, workers, cfg.tokenize_batch_docs):
-        new_tokens += len(flat)
-        bar.update(len(flat))
-        if builder.add(flat, lengths):
-            budget_reached = True
-            break
+    # A context manager, so an error or Ctrl-C closes the bar first and its message starts on a line of its own.
+    with tqdm(total=None if budget is None else budget + cfg.eval_tokens, initial=builder.train_tokens,
+              unit="tok", unit_scale=True, desc=f"tokenize {domain}", dynamic_ncols=True, mininterval=1.0) as bar:
+        for flat, lengths in encoded_batches(docs, tokenizer, workers, cfg.tokenize_batch_docs):
+            new_tokens += len(flat)
+            bar.update(len(flat))
+            if builder.add(flat, lengths):
+                budget_reached = True
+                break
     if not budget_reached:
         if builder.in_eval:
             raise UserError(f"data.domains.{domain}: the source ran out after {builder.buffered} tokens, all held "
                             f"out for eval (data.eval_tokens={cfg.eval_tokens}); lower data.eval_tokens or add text")
         builder.flush()  # the source ran out: its last, shorter shard
-    bar.close()
     if not index["train"]:
         raise UserError(f"data.domains.{domain}: the source gave no training tokens after the eval shard; "
                         "lower data.eval_tokens or add text")

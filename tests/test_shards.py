@@ -152,6 +152,37 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
     assert again["tokenized_now"] == 0 and files_of(cut) == files_of(tmp_path / "whole" / "text")
 
 
+def test_an_interrupted_tokenization_closes_its_progress_bar_before_the_message(tmp_path, monkeypatch):
+    """Otherwise the error (or the Ctrl-C line) is printed after the bar's last partial line."""
+    write_corpus(tmp_path / "in" / "a.jsonl", 300, seed=2)
+    events = []
+
+    class RecordingBar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append("closed")
+
+        def update(self, n):
+            events.append("update")
+
+        def close(self):
+            events.append("closed")
+
+    def interrupted_write(directory, name, tokens, lengths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenize_shards, "tqdm", RecordingBar)
+    monkeypatch.setattr(shards, "write_shard", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_shards.tokenize_data(local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "in"))
+    assert events and events[-1] == "closed" and "update" in events
+
+
 POISON = "this document makes its batch fail"
 needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                                 reason="the stand-in tokenizer reaches workers by fork only")
