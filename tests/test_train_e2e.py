@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ok, clean_env, tiny_run
+from tests.conftest import TINY, TINY_GPT2, assert_ok, clean_env, compose_validated, tiny_run
 from trainer.checkpoint import REQUIRED_KEYS, SIDECAR_REQUIRED_KEYS
+from trainer.schema import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +234,22 @@ def test_resuming_a_completed_run_leaves_its_artifacts_alone(tmp_path, data_cach
     assert_ok(again)
     assert "already completed at step 2" in again.stdout + again.stderr
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in watched] == before
+
+
+def test_a_finished_run_relaunched_unchanged_builds_no_data_or_model(tmp_path, data_cache, monkeypatch):
+    """A re-launched sweep skips its finished jobs at once; a changed architecture is still refused."""
+    import trainer.fit as fit
+
+    base = [*TINY_GPT2, *TINY, f"data.cache_dir={data_cache}", "train.max_steps=2", "checkpoint.save_every=2"]
+    run_dir = tmp_path / "run"
+    assert fit.train(compose_validated(base), run_dir)["status"] == "completed"
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("a finished, unchanged run built its data")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fit, "build_data", must_not_build)
+        again = fit.train(compose_validated([*base, "run.resume=auto"]), run_dir)
+    assert again == json.loads((run_dir / "summary.json").read_text())
+    with pytest.raises(UserError, match=r"n_layer=2 but this run is \S*n_layer=3; resume it with model.n_layer=2"):
+        fit.train(compose_validated([*base, "run.resume=auto", "model.n_layer=3"]), run_dir)

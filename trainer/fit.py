@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from data import build_data
 from models import build_model
 from trainer import checkpoint as ckpt
@@ -60,6 +62,33 @@ def finished_summary(run_dir: Path, step: int, max_steps: int) -> dict | None:
     return summary if summary.get("status") == "completed" and summary.get("final_step") == step else None
 
 
+def _recorded_as(text: str) -> dict:
+    """A resolved config as data, without run.resume: re-launching with run.resume=auto is the same run."""
+    data = OmegaConf.to_container(OmegaConf.create(text))
+    data.get("run", {}).pop("resume", None)
+    return data
+
+
+def unchanged_finished_run(cfg: Config, run_dir: Path, start_from: Path | None) -> dict | None:
+    """The summary of a completed run re-launched with the config it recorded (a sweep re-run with
+    run.resume=auto), found before data, model and optimizer are built. Anything else, a changed config
+    included, goes the long way: the checkpoint is loaded, and a changed architecture is refused."""
+    recorded = run_dir / "resolved_config.yaml"
+    step = next((s for s, path in ckpt.list_full_checkpoints(run_dir) if path == start_from), None)
+    if step is None or not recorded.is_file():
+        return None
+    if _recorded_as(recorded.read_text()) != _recorded_as(resolved_yaml(cfg)):
+        return None
+    return finished_summary(run_dir, step, cfg.train.max_steps)
+
+
+def _say_already_completed(step: int, max_steps: int) -> None:
+    # A sweep re-launched with run.resume=auto: a finished run's snapshots, figures, summary and wall time
+    # stay as they are instead of being re-written for a run of zero steps.
+    log.info("run already completed at step %d (train.max_steps=%d): nothing to train; raise train.max_steps "
+             "to train it longer", step, max_steps)
+
+
 def rng_state_for(checkpoint: dict, engine) -> dict:
     """This process's RNG state from a checkpoint; rank 0's when the world size changed."""
     by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
@@ -77,6 +106,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_from = resume_path(cfg, run_dir)
+    finished = unchanged_finished_run(cfg, run_dir, start_from)
+    if finished is not None:
+        _say_already_completed(finished["final_step"], cfg.train.max_steps)
+        engine.close()
+        return finished
     if engine.is_main:
         ckpt.remove_stale_temporaries(run_dir)
         if start_from is None:
@@ -120,11 +154,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
         restore_rng_state(rng_state_for(checkpoint, engine))  # last: building consumed random numbers
         log.info("resumed from %s at step %d", start_from, state.step)
         finished = finished_summary(run_dir, state.step, cfg.train.max_steps)
-        if finished is not None:
-            # A sweep re-launched with run.resume=auto: leave a finished run's snapshots, figures, summary
-            # and wall time as they are instead of re-writing them for a run of zero steps.
-            log.info("run already completed at step %d (train.max_steps=%d): nothing to train; raise "
-                     "train.max_steps to train it longer", state.step, cfg.train.max_steps)
+        if finished is not None:  # the same run under another, compatible config (another hardware.device)
+            _say_already_completed(state.step, cfg.train.max_steps)
             engine.close()
             return finished
         if engine.is_main:
