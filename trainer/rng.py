@@ -19,11 +19,13 @@ RNG_KEYS = ("python_random_state", "numpy_random_state", "torch_rng_state", "cud
 
 
 def seed_everything(seed: int) -> None:
+    # run.seed may be any integer (the data streams fold it the same way); numpy's legacy seeding takes only
+    # [0, 2**32) and torch's [-2**63, 2**64), so fold into those ranges rather than fail after data preparation.
     random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**64)
     if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+        torch.cuda.manual_seed_all(seed % 2**64)
 
 
 def _numpy_state_to_safe(state: tuple) -> dict[str, Any]:
