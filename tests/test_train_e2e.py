@@ -189,6 +189,28 @@ def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tm
     assert "optim.learning_rate=-2.0 is impossible" in third_log.read_text()
 
 
+def test_a_sweep_relaunched_into_its_directory_finishes_only_the_unfinished_jobs(tmp_path, data_cache):
+    args = ["--multirun", "train.max_steps=2", "checkpoint.save_every=2", "train.eval_every=2"]
+    first = tiny_run(tmp_path, data_cache, *args, "optim.learning_rate=0.001,-1")  # job 1 refused
+    assert first.returncode != 0
+    (done,) = (tmp_path / "multirun").rglob("summary.json")
+    sweep_dir = done.parent.parent
+    before = done.read_bytes()
+
+    # Relaunched without its directory, auto-resume would start a new sweep from scratch: say so.
+    unpinned = tiny_run(tmp_path / "unpinned", data_cache, *args, "optim.learning_rate=-1", "run.resume=auto")
+    assert "hydra.sweep.dir=<that sweep's directory>" in unpinned.stdout + unpinned.stderr
+
+    again = tiny_run(tmp_path, data_cache, *args, "optim.learning_rate=0.001,0.002", "run.resume=auto",
+                     f"hydra.sweep.dir={sweep_dir}")
+    assert_ok(again)
+    assert "hydra.sweep.dir=<that sweep's directory>" not in again.stdout + again.stderr
+    assert "already completed at step 2" in again.stdout + again.stderr
+    assert done.read_bytes() == before, "the finished job is left alone"
+    assert sorted(p.parent.name for p in sweep_dir.rglob("summary.json")) == ["0_run", "1_run"]
+    assert len(list((tmp_path / "multirun").iterdir())) == 1, "no new sweep directory"
+
+
 def test_logging_cadences_and_eval_at_start(tmp_path, data_cache):
     result = tiny_run(tmp_path, data_cache, "train.max_steps=4", "train.log_every=2", "train.eval_every=4",
                       "train.eval_at_start=true", "checkpoint.save_every=4", name="cadence")

@@ -37,6 +37,14 @@ def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1  # under torchrun every rank shares run_dir
     new_run_dir = single_process and holds_no_earlier_run(run_dir)
+    hydra_cfg = HydraConfig.get()
+    if (hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.job.num == 0 and cfg.run.resume == "auto"
+            and not any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra)):
+        # The default sweep directory is named by the launch time, so auto-resume would find no earlier sweep's
+        # checkpoints and silently retrain every job from scratch.
+        logging.getLogger("trainer.run").warning(
+            "run.resume=auto in a new sweep directory (%s) finds no earlier sweep's runs; to finish an earlier "
+            "sweep, re-launch with hydra.sweep.dir=<that sweep's directory>", hydra_cfg.sweep.dir)
     try:
         run_job(cfg)
     except UserError as err:
