@@ -124,6 +124,8 @@ def test_auto_device_is_accepted_and_hardware_group_sets_engine():
     (["preset=no-lb", "model.collapse_threshold=0.1"], "0.125 at even routing (topk 1 of 8 experts)"),
     (["preset=top2", "model.collapse_stop=true", "model.collapse_threshold=0.2"], "such as 0.62"),
     (["preset=no-lb", "model.collapse_threshold=1.0"], "model.collapse_threshold=1.0 can never"),
+    # No threshold works when every expert takes every token: say what does, not "such as 1" (itself refused).
+    (["preset=no-lb", "model.topk=2", "model.num_experts=2"], "set model.collapse_stop=false, or lower model.topk"),
 ])
 def test_validation_rejects_with_one_line(override, needle):
     with pytest.raises(UserError) as err:

@@ -571,6 +571,11 @@ def check_moe_layout(m: MoEGPT2Config, n_layer: Optional[int]) -> None:
     if not 1 <= m.topk <= m.num_experts:
         raise UserError(f"model.topk={m.topk} must be between 1 and model.num_experts={m.num_experts}")
     even = m.topk / m.num_experts  # each expert's share of tokens when routing is perfectly even
+    if m.collapse_stop and m.topk == m.num_experts:
+        # Every expert takes every token, so no threshold can tell collapse apart (suggesting one would loop).
+        raise UserError(f"model.collapse_stop=true cannot detect collapse with model.topk={m.topk} of "
+                        f"model.num_experts={m.num_experts}: every expert takes every token; set "
+                        "model.collapse_stop=false, or lower model.topk")
     if m.collapse_stop and not even < m.collapse_threshold < 1:
         raise UserError(f"model.collapse_threshold={m.collapse_threshold} can never tell collapse apart: an expert's "
                         f"share of tokens is {even:g} at even routing (topk {m.topk} of {m.num_experts} experts) and "
