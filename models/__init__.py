@@ -10,8 +10,10 @@ monitors the family needs). The training loop reaches families only through FAMI
 from __future__ import annotations
 
 import importlib
+import os
 
 from models.output import ModelOutput, lm_output
+from trainer.hub import require_hub
 
 FAMILIES = {"dense": "models.gpt2", "moe": "models.gpt2_moe", "polyglu": "models.polyglu_lm"}
 
@@ -22,4 +24,13 @@ def build_model(model_cfg, vocab_size: int, eos_id: int):
     return module.build(model_cfg, vocab_size=vocab_size, eos_id=eos_id)
 
 
-__all__ = ["FAMILIES", "ModelOutput", "build_model", "lm_output"]
+def check_pretrained_source(model_cfg) -> None:
+    """Refuse a hub `model.pretrained` while the hub is unreachable. train() calls it before preparing the data,
+    which can take minutes, so an offline run fails at once (families without `pretrained` pass)."""
+    source = getattr(model_cfg, "pretrained", None)
+    if source and not os.path.isdir(source):
+        require_hub("model.pretrained", source,
+                    "use a local directory saved with save_pretrained, or model.pretrained=null for random init")
+
+
+__all__ = ["FAMILIES", "ModelOutput", "build_model", "check_pretrained_source", "lm_output"]

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2LMHeadModel
 
+from models import check_pretrained_source
 from models.output import ModelOutput, lm_output
-from trainer.hub import require_hub
 from trainer.schema import UserError
 
 
 def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     if model_cfg.pretrained:
         source = model_cfg.pretrained
-        if not os.path.isdir(source):
-            require_hub("model.pretrained", source,
-                        "use a local directory saved with save_pretrained, or model.pretrained=null for random init")
+        check_pretrained_source(model_cfg)
         hf = GPT2LMHeadModel.from_pretrained(source)
         if hf.config.vocab_size != vocab_size:
             raise UserError(f"model.pretrained={source!r} has a {hf.config.vocab_size}-token vocabulary but the "

@@ -10,6 +10,7 @@ import pytest
 import trainer.hub
 from data import build_data
 from data.tokenizer import load_pretrained
+from tests.conftest import tiny_run
 from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
 
 
@@ -104,3 +105,11 @@ def test_local_tokenizer_directory_works_offline(tmp_path, offline):
     tok = load_pretrained(str(folder))
     assert tok.eos_id == 50256 and tok.vocab_size == 50257
     assert tok.decode(tok.encode("offline works")) == "offline works"
+
+
+def test_offline_hub_model_fails_before_the_data_is_prepared(tmp_path):
+    cache = tmp_path / "cache"
+    result = tiny_run(tmp_path, cache, "model.pretrained=gpt2", "data.tokenizer.name=gpt2")  # HF_HUB_OFFLINE=1
+    assert result.returncode == 2 and "model.pretrained='gpt2' needs the Hugging Face Hub" in result.stderr
+    assert not cache.exists() or not any(cache.iterdir()), "nothing tokenized or cached before the refusal"
+    assert not (tmp_path / "run").exists(), "a refused launch leaves no run directory"

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data import build_data
-from models import build_model
+from models import build_model, check_pretrained_source
 from trainer import checkpoint as ckpt
 from trainer.atomic_files import atomic_write_bytes
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
@@ -117,6 +117,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
             record_config(cfg, run_dir)
     config_dict = asdict(cfg)
 
+    check_pretrained_source(cfg.model)  # offline, a hub model fails before the data is prepared, not after
     seed_everything(cfg.run.seed)
     # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
     if not engine.is_main:
