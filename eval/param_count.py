@@ -28,6 +28,11 @@ def count(overrides: list[str], vocab_size: int | None = None) -> tuple[int, obj
     from trainer.schema import UserError, register_schemas, validate
 
     register_schemas()
+    paths = [o for o in overrides if "=" not in o and Path(o).exists()]
+    if paths:  # a run directory is the natural first guess; Hydra would only say it cannot parse the override
+        raise UserError(f"{paths[0]} is a path, not an override; eval.param_count composes a config from the "
+                        "overrides trainer/run.py takes (preset=moe-main model.num_experts=16); a finished run's "
+                        "count is n_parameters in its summary.json")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = validate(compose("config", overrides=overrides))
     tokenizer = cfg.data.tokenizer

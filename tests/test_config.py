@@ -203,6 +203,7 @@ def test_validate_tells_what_to_write_for_a_value_of_the_wrong_type():
     (["train.max_step=3"], "did you mean 'max_steps'"),
     (["preset=nope"], "preset=nope is not a config"),
     (["preset=polyglu-pretrain", "model.n_layers=abc"], "expected an integer"),
+    ([str(ROOT / "tests")], "is a path, not an override"),  # e.g. a run directory
 ])
 def test_param_count_answers_config_mistakes_like_the_trainer(tmp_path, args, needle):
     result = subprocess.run([sys.executable, "-m", "eval.param_count", *args], cwd=ROOT, capture_output=True,
