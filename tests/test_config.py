@@ -120,6 +120,9 @@ def test_auto_device_is_accepted_and_hardware_group_sets_engine():
     (["data=polyglu-mix", "data.mix=[{at: 0.0, weights: {math: -1, stem: 1, code: 1}}]"], ">= 0 with a positive"),
     (["data.shard_tokens=0"], "data.shard_tokens=0"),
     (["checkpoint.keep_last_snapshots=0"], "null (keep all) or an integer >= 1"),
+    # polyglu-pretrain shortened for a smoke run keeps its 2000 warmup steps: it would never reach its lr.
+    (["preset=polyglu-pretrain", "data=embedded", "train.max_steps=100"],
+     "optim.warmup_steps=2000 is not below train.max_steps=100"),
     # Collapse thresholds that even routing already exceeds, or no expert can exceed.
     (["preset=no-lb", "model.collapse_threshold=0.1"], "0.125 at even routing (topk 1 of 8 experts)"),
     (["preset=top2", "model.collapse_stop=true", "model.collapse_threshold=0.2"], "such as 0.62"),

@@ -489,6 +489,14 @@ def _cross_checks(cfg: Config) -> None:
     if (cfg.data.format == "shards" or cfg.run.task == "tokenize") and cfg.data.tokenizer.name == "bpe":
         raise UserError(BPE_WITH_SHARDS)
     _check_mix(cfg.data)
+    warmup, steps = cfg.optim.warmup_steps, cfg.train.max_steps
+    if cfg.run.task == "train" and warmup is not None and warmup >= steps:
+        # A preset's warmup (polyglu-pretrain: 2000) kept in a shortened run would train it all at a sliver of the
+        # learning rate, without a word.
+        raise UserError(f"optim.warmup_steps={warmup} is not below train.max_steps={steps}: the run would end "
+                        f"before the learning rate warms up to optim.learning_rate={cfg.optim.learning_rate:g}; "
+                        f"lower optim.warmup_steps (such as {steps // 10}), or set optim.warmup_steps=null to use "
+                        f"optim.warmup_fraction={cfg.optim.warmup_fraction:g}")
     if not cfg.data.domains:
         raise UserError("data.domains is empty; name at least one domain (for example code, math, prose)")
     if hasattr(m, "n_embd") and hasattr(m, "n_head") and m.n_embd % m.n_head:
