@@ -160,6 +160,12 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
         return build_shard_data(cfg, mix_schedule(cfg))
     start = time.perf_counter()
     domains = sources.check_domains(cfg)
+    capped = [d for d in domains if cfg.domains[d].max_tokens is not None]
+    if capped:
+        # A token budget is a tokenize setting (polyglu-mix sets one per domain); here it would silently not apply.
+        log.warning("data.domains.%s.max_tokens applies to token shards (task=tokenize) and is ignored with "
+                    "data.format=memory, which reads up to data.size_mb=%g MB per domain: lower data.size_mb, or "
+                    "tokenize into shards", capped[0], cfg.size_mb)
     corpus = _corpus_dir(cfg, seed)
     cached = _load_cached(cfg, corpus)
     hit = cached is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 
 import numpy as np
 import pytest
@@ -117,6 +118,15 @@ def test_balance_tokens_equalises_train_only(tmp_path, bundle):
     assert s["balanced"] is True
     for d in DOMAINS:  # eval is never balanced
         assert s["domains"][d]["eval"] == bundle.summary["domains"][d]["eval"]
+
+
+def test_a_token_budget_in_memory_format_is_named_as_ignored(tmp_path, caplog):
+    cfg = small_cfg(tmp_path, size_mb=0.05)
+    cfg.domains["math"].max_tokens = 100  # a tokenize setting: the in-memory corpus is capped by size_mb
+    with caplog.at_level(logging.WARNING):
+        built = build_data(cfg, seed=1)
+    assert "data.domains.math.max_tokens applies to token shards (task=tokenize) and is ignored" in caplog.text
+    assert built.summary["domains"]["math"]["train"]["tokens"] > 100
 
 
 def test_cache_hit_gives_identical_data(tmp_path):
