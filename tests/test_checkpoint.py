@@ -314,3 +314,24 @@ def test_optimizer_state_refuses_unknown_names_and_mixed_groups():
     single_group = torch.optim.AdamW(model.parameters())
     with pytest.raises(UserError, match="share an optimizer group.*lr=0.01 and 0.005"):
         ckpt.optimizer_state_from_named(single_group, named, dict(model.named_parameters()))
+
+
+def test_summary_and_sidecar_json_is_strict_even_for_a_diverged_run(tmp_path):
+    """NaN and Infinity are not JSON: jq, JavaScript and strict loaders reject a file holding them."""
+    from trainer.checkpoint import to_json_bytes
+    from trainer.fit import describe_outputs
+
+    def strict(text: str):
+        def refuse(constant):
+            raise ValueError(f"non-standard JSON constant {constant}")
+        return json.loads(text, parse_constant=refuse)
+
+    summary = {"run_name": "diverged", "status": "stopped_early", "final_step": 3, "run_dir": str(tmp_path),
+               "stop_reason": "non-finite train loss (nan) at step 3", "best_eval_loss": float("inf"),
+               "final_eval": {"eval/loss": float("nan"), "eval/ppl": torch.tensor(float("inf"))},
+               "losses": [1.5, float("-inf")], "n_parameters": np.int64(7)}
+    written = strict(to_json_bytes(summary).decode())
+    assert written["best_eval_loss"] is None and written["final_eval"] == {"eval/loss": None, "eval/ppl": None}
+    assert written["losses"] == [1.5, None] and written["n_parameters"] == 7
+    assert written["stop_reason"] == summary["stop_reason"]
+    assert "eval loss nan (best nan)" in describe_outputs(written)

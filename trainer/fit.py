@@ -199,13 +199,17 @@ def train(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
+def _number(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4f}"  # None: a non-finite value, as summary.json stores it
+
+
 def describe_outputs(summary: dict) -> str:
     run_dir = Path(summary["run_dir"])
     lines = [f"run {summary['run_name']}: {summary['status']} at step {summary['final_step']}"
              + (f" ({summary['stop_reason']})" if summary["stop_reason"] else "")]
     if summary["final_eval"]:
-        lines.append(f"  eval loss {summary['final_eval'].get('eval/loss', float('nan')):.4f}"
-                     f" (best {summary['best_eval_loss']:.4f})")
+        lines.append(f"  eval loss {_number(summary['final_eval'].get('eval/loss'))}"
+                     f" (best {_number(summary['best_eval_loss'])})")
     lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / 'metrics.jsonl'}",
               f"  summary:       {run_dir / 'summary.json'}"]
     final = run_dir / "final-model.safetensors"
