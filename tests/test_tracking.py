@@ -80,6 +80,17 @@ def test_offline_mode_writes_local_files_quickly(tmp_path, wandb_sandbox):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
+def test_a_sweep_job_is_named_by_its_directory_and_grouped_by_its_sweep(tmp_path, wandb_sandbox, caplog):
+    with caplog.at_level(logging.INFO, logger="trainer.tracking"):
+        tracker = Tracker(tmp_path / "1_moe-main", TrackingConfig(wandb_mode="offline"), "1_moe-main", {},
+                          group="2026-11-21_10-00-00")
+    try:
+        assert (tracker._run.name, tracker._run.group) == ("1_moe-main", "2026-11-21_10-00-00")
+        assert "W&B offline run '1_moe-main' in group '2026-11-21_10-00-00'" in caplog.text
+    finally:
+        tracker.close()
+
+
 def test_online_unreachable_host_falls_back_to_offline(tmp_path, wandb_sandbox, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     cfg = TrackingConfig(wandb_mode="online", online_timeout_s=5.0)

@@ -169,12 +169,16 @@ def test_wandb_online_unreachable_falls_back_to_offline_and_trains(tmp_path, dat
 
 def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tmp_path, data_cache):
     result = tiny_run(tmp_path, data_cache, "--multirun", "preset=shakedown,quickstart", "train.max_steps=2",
-                      "train.eval_every=2", "checkpoint.save_every=2", name=None)
+                      "train.eval_every=2", "checkpoint.save_every=2", "tracking.wandb_mode=offline",
+                      "hydra.sweep.dir=multirun/sweep-a", name=None, env=clean_env(WANDB_DIR=str(tmp_path)))
     assert_ok(result)
     summaries = sorted((tmp_path / "multirun").rglob("summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["preset"] for p in summaries} == {"shakedown", "quickstart"}
     assert sorted(p.parent.name for p in summaries) == ["0_shakedown-dense", "1_quickstart"]
+    for job in ("0_shakedown-dense", "1_quickstart"):  # on W&B, told apart by directory and grouped by sweep
+        log = (tmp_path / "multirun" / "sweep-a" / job / "run.log").read_text()
+        assert f"W&B offline run '{job}' in group 'sweep-a'" in log
 
     mixed = tiny_run(tmp_path / "second", data_cache, "--multirun", "optim.learning_rate=-1,0.001,-2",
                      "train.max_steps=2", "checkpoint.save_every=2")

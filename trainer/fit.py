@@ -101,7 +101,9 @@ def rng_state_for(checkpoint: dict, engine) -> dict:
     return by_rank[0]
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
+def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
+    """Train one run in run_dir. `sweep` names the --multirun sweep it is a job of: its W&B group, the
+    runs then named by their directories (0_moe-main, 1_moe-main, ...) rather than all by run.name."""
     started = time.time()
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
         if engine.is_main:
             record_config(cfg, run_dir)  # only now: a refused resume leaves the original run's record alone
 
-    tracker = Tracker(run_dir, cfg.tracking, run_name=cfg.run.name, config=config_dict, enabled=engine.is_main,
+    tracker = Tracker(run_dir, cfg.tracking, run_name=cfg.run.name if sweep is None else run_dir.name,
+                      config=config_dict, enabled=engine.is_main, group=sweep,
                       resume_step=state.step if start_from is not None else None)
     if engine.is_main:
         (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2, default=str))

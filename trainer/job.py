@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from trainer.atomic_files import atomic_write_bytes
@@ -30,7 +31,10 @@ def run_job(cfg: DictConfig) -> dict:
 
     # train() writes resolved_config.yaml itself, once it has accepted the run directory: a refused resume
     # must not overwrite the record of the run whose checkpoints are there.
-    summary = train(config, run_dir)
+    hydra = HydraConfig.get()
+    # A sweep's jobs share run.name (the preset): on W&B they are told apart by directory and grouped by sweep.
+    sweep = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
+    summary = train(config, run_dir, sweep=sweep)
     # The run's objects are garbage now, some of it cyclic (ZeRO hangs its process group on every parameter).
     # Collect it here, while the interpreter is whole: left to shutdown, a process group's gloo threads are
     # torn down during interpreter finalization, a known source of aborts at exit after a finished run.

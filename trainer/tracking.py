@@ -112,6 +112,7 @@ class Tracker:
         config: dict[str, Any],
         enabled: bool = True,
         resume_step: int | None = None,
+        group: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -130,7 +131,7 @@ class Tracker:
         self._metrics_file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")
         mode = resolve_wandb_mode(cfg.wandb_mode)
         if mode != "disabled":
-            self._start_wandb(cfg, mode, run_name, config, resuming=resume_step is not None)
+            self._start_wandb(cfg, mode, run_name, config, resuming=resume_step is not None, group=group)
 
     # ------------------------------------------------------------------ metrics.jsonl
 
@@ -242,7 +243,7 @@ class Tracker:
         return run_id
 
     def _start_wandb(self, cfg: TrackingConfig, mode: str, run_name: str, config: dict[str, Any],
-                     resuming: bool) -> None:
+                     resuming: bool, group: str | None = None) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         # Importing wandb takes about a second; it counts against the online budget too.
         deadline = time.monotonic() + cfg.online_timeout_s
@@ -256,6 +257,7 @@ class Tracker:
             "project": cfg.wandb_project,
             "entity": cfg.wandb_entity,
             "name": run_name,
+            "group": group,
             "config": config,
             "id": self._run_id(resuming),
             "resume": "allow",
@@ -298,6 +300,9 @@ class Tracker:
         self._run = run
         mode = str(getattr(getattr(run, "settings", None), "mode", "online"))
         self.wandb_mode = {"dryrun": "offline", "offline": "offline", "disabled": "disabled"}.get(mode, "online")
+        group = getattr(run, "group", None)
+        log.info("W&B %s run %r%s, id %s", self.wandb_mode, getattr(run, "name", None),
+                 f" in group {group!r}" if group else "", getattr(run, "id", None))
 
 
 def _discard_wandb_service(wandb: Any) -> None:
