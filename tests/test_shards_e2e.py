@@ -42,6 +42,11 @@ def test_tokenize_then_train_with_a_mix_schedule_and_resume_exactly(tmp_path):
     missing = run_cli([*train_args, "run.name=early"], cwd=tmp_path)
     assert missing.returncode == 2 and "task=tokenize data=two" in missing.stderr
 
+    refused = run_cli(["task=tokenize", *args, f"data.domains.text.paths=[{tmp_path / 'absent.jsonl'}]"],
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "absent.jsonl" in refused.stderr
+    assert not (tmp_path / "tokenize").exists(), "a refused tokenize leaves no empty outputs/tokenize/ behind"
+
     tokenized = run_cli(["task=tokenize", *args], cwd=tmp_path)
     assert_ok(tokenized)
     assert "math:" in tokenized.stdout and "tokens/s" in tokenized.stdout

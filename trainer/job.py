@@ -64,8 +64,9 @@ def holds_no_earlier_run(run_dir: Path) -> bool:
     return empty_log and _only_bookkeeping(run_dir)
 
 
-def discard_refused_launch(run_dir: Path) -> None:
-    """Remove what a refused launch created, so a mistyped override leaves no run directory behind.
+def discard_refused_launch(run_dir: Path, output_dir: Path | None = None) -> None:
+    """Remove what a refused launch created, so a mistyped override leaves no run directory behind, nor the
+    empty folders Hydra made for it below `output_dir` (task=tokenize's `outputs/tokenize/`).
 
     Called only when holds_no_earlier_run() held at the start; checked again here so that anything written
     since (a checkpoint, metrics, a tokenizer) keeps the directory.
@@ -81,7 +82,17 @@ def discard_refused_launch(run_dir: Path) -> None:
     try:
         run_dir.rmdir()
     except OSError:
-        pass  # something else appeared meanwhile: leave it
+        return  # something else appeared meanwhile: leave it
+    if output_dir is None:
+        return
+    stop = output_dir.resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == stop or stop not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only an empty folder goes
+        except OSError:
+            break
 
 
 def _only_bookkeeping(run_dir: Path) -> bool:

@@ -58,7 +58,7 @@ def main(cfg) -> None:
                                                    overrides, err)
             raise
         if new_run_dir:
-            discard_refused_launch(run_dir)  # the refusal leaves no outputs/<name>/ behind
+            discard_refused_launch(run_dir, Path(cfg.run.output_dir))  # no outputs/<name>/ left behind
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
