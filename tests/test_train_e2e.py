@@ -279,3 +279,11 @@ def test_a_finished_run_relaunched_unchanged_builds_no_data_or_model(tmp_path, d
     assert again == json.loads((run_dir / "summary.json").read_text())
     with pytest.raises(UserError, match=r"n_layer=2 but this run is \S*n_layer=3; resume it with model.n_layer=2"):
         fit.train(compose_validated([*base, "run.resume=auto", "model.n_layer=3"]), run_dir)
+
+    # Without a final checkpoint the newest one is older than the end: still finished, nothing retrained.
+    no_final = [*base, "train.max_steps=3", "checkpoint.save_final=false"]
+    assert fit.train(compose_validated(no_final), tmp_path / "no-final")["status"] == "completed"
+    watched = [tmp_path / "no-final" / name for name in ("summary.json", "metrics.jsonl")]
+    before = [p.read_bytes() for p in watched]
+    again = fit.train(compose_validated([*no_final, "run.resume=auto"]), tmp_path / "no-final")
+    assert again["final_step"] == 3 and [p.read_bytes() for p in watched] == before

@@ -69,17 +69,20 @@ def _recorded_as(text: str) -> dict:
     return data
 
 
-def unchanged_finished_run(cfg: Config, run_dir: Path, start_from: Path | None) -> dict | None:
-    """The summary of a completed run re-launched with the config it recorded (a sweep re-run with
-    run.resume=auto), found before data, model and optimizer are built. Anything else, a changed config
-    included, goes the long way: the checkpoint is loaded, and a changed architecture is refused."""
-    recorded = run_dir / "resolved_config.yaml"
-    step = next((s for s, path in ckpt.list_full_checkpoints(run_dir) if path == start_from), None)
-    if step is None or not recorded.is_file():
+def unchanged_finished_run(cfg: Config, run_dir: Path) -> dict | None:
+    """The summary of a completed run re-launched with run.resume=auto and the config it recorded (a sweep
+    re-run), found before data, model and optimizer are built. Anything else, a changed config included,
+    goes the long way: the checkpoint is loaded, and a changed architecture is refused."""
+    recorded, summary_path = run_dir / "resolved_config.yaml", run_dir / "summary.json"
+    if cfg.run.resume != "auto" or not recorded.is_file() or not summary_path.is_file():
         return None
     if _recorded_as(recorded.read_text()) != _recorded_as(resolved_yaml(cfg)):
         return None
-    return finished_summary(run_dir, step, cfg.train.max_steps)
+    # summary.json is written last, so "completed at this config's max_steps" means every artifact was
+    # written; the newest checkpoint may still be older (checkpoint.save_final=false).
+    summary = json.loads(summary_path.read_text())
+    done = summary.get("status") == "completed" and summary.get("final_step") == cfg.train.max_steps
+    return summary if done else None
 
 
 def _say_already_completed(step: int, max_steps: int) -> None:
@@ -108,7 +111,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_from = resume_path(cfg, run_dir)
-    finished = unchanged_finished_run(cfg, run_dir, start_from)
+    finished = unchanged_finished_run(cfg, run_dir)
     if finished is not None:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
         engine.close()
