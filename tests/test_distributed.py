@@ -87,6 +87,11 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, data_cach
     assert_close_weights(run_dir / "final-model.safetensors", single_reference / "final-model.safetensors",
                          atol=1e-4)
 
+    # ZeRO's optimizer state is partitioned for 2 processes: one process cannot load it, and says so in one line.
+    refused = tiny_run(tmp_path, data_cache, *STEPS, *ds, f"run.resume={run_dir / 'ckpt-step-2.pt'}", name="zero1")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and "--nproc_per_node=2" in refused.stderr.splitlines()[-1]
+
 
 def test_ddp_trains_the_moe_family_like_one_process(tmp_path, data_cache):
     """Experts that get no tokens on a rank still take part in the reduction. Noise off and lb_coef 0:

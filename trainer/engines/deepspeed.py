@@ -138,6 +138,15 @@ class DeepSpeedEngine(DistributedEngine):
         if not directory.is_dir():
             raise UserError(f"{checkpoint_path} was saved by DeepSpeed but {directory.name} is missing next to it; "
                             "resume from another checkpoint or with the engine that wrote it")
+        # ZeRO (stage >= 1) saves each process's partition of the optimizer state and cannot re-partition it
+        # for another world size; DeepSpeed would only say so in a traceback, after loading the weights.
+        saved_world = len(checkpoint.get("rng_states_by_rank") or [checkpoint])
+        saved_stage = checkpoint["config"]["hardware"]["deepspeed"]["zero_stage"]
+        if saved_stage > 0 and saved_world != self.world_size:
+            raise UserError(f"{checkpoint_path} holds ZeRO-{saved_stage} optimizer state partitioned over "
+                            f"{saved_world} process(es), which DeepSpeed cannot re-partition for this run's "
+                            f"{self.world_size}; resume with {saved_world} process(es) in all (one machine: "
+                            f"torchrun --nproc_per_node={saved_world})")
         self.ds.load_checkpoint(str(directory), tag=NATIVE_TAG, load_optimizer_states=True,
                                 load_lr_scheduler_states=True)
         self.scheduler.sync_optimizer_lr()  # the ZeRO optimizer state may load after the scheduler's
