@@ -335,3 +335,21 @@ def test_summary_and_sidecar_json_is_strict_even_for_a_diverged_run(tmp_path):
     assert written["losses"] == [1.5, None] and written["n_parameters"] == 7
     assert written["stop_reason"] == summary["stop_reason"]
     assert "eval loss nan (best nan)" in describe_outputs(written)
+
+
+def test_a_process_the_checkpoint_has_no_random_state_for_keeps_its_own_stream():
+    """Every process draws its own dropout masks and router noise (trainer/fit.py). Resumed on more processes
+    than saved it, a new process must not take rank 0's state, or the two would draw the same for the rest of
+    the run."""
+    from types import SimpleNamespace
+
+    from trainer.fit import rng_state_for
+
+    def engine(rank: int, world_size: int) -> SimpleNamespace:
+        return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0)
+
+    saved = {"rng_states_by_rank": [{"rank": 0}, {"rank": 1}]}
+    assert rng_state_for(saved, engine(1, 2)) == {"rank": 1}
+    assert rng_state_for(saved, engine(0, 1)) == {"rank": 0}
+    assert rng_state_for(saved, engine(1, 3)) == {"rank": 1}
+    assert rng_state_for(saved, engine(2, 3)) is None  # keeps the stream seeded with run.seed + rank

@@ -92,16 +92,16 @@ def _say_already_completed(step: int, max_steps: int) -> None:
              "to train it longer", step, max_steps)
 
 
-def rng_state_for(checkpoint: dict, engine) -> dict:
-    """This process's RNG state from a checkpoint; rank 0's when the world size changed."""
+def rng_state_for(checkpoint: dict, engine) -> dict | None:
+    """This process's RNG state from a checkpoint; None for a process the checkpoint has none for (the world
+    grew), which keeps its own stream seeded with run.seed + rank: rank 0's state would make it draw the same
+    dropout masks and router noise as rank 0 for the rest of the run."""
     by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
-    if len(by_rank) == engine.world_size:
-        return by_rank[engine.rank]
-    if engine.is_main:
-        log.warning("checkpoint was written by %d processes, this run has %d: every process continues from "
-                    "rank 0's random state, so dropout draws differ from the original run", len(by_rank),
+    if len(by_rank) != engine.world_size and engine.is_main:
+        log.warning("checkpoint was written by %d processes, this run has %d: processes beyond the checkpoint's "
+                    "draw from fresh random streams, so dropout draws differ from the original run", len(by_rank),
                     engine.world_size)
-    return by_rank[0]
+    return by_rank[engine.rank] if engine.rank < len(by_rank) else None
 
 
 def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
@@ -157,7 +157,9 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
         stream.load_state_dict(checkpoint["data_state"])
         callbacks.load_state_dict(checkpoint["callback_state"])
         state.load(int(checkpoint["step"]), checkpoint["loop_state"])
-        restore_rng_state(rng_state_for(checkpoint, engine))  # last: building consumed random numbers
+        rng_state = rng_state_for(checkpoint, engine)
+        if rng_state is not None:
+            restore_rng_state(rng_state)  # last: building consumed random numbers
         log.info("resumed from %s at step %d", start_from, state.step)
         finished = finished_summary(run_dir, state.step, cfg.train.max_steps)
         if finished is not None:  # the same run under another, compatible config (another hardware.device)
