@@ -122,6 +122,28 @@ def test_resume_auto_picks_the_newest_valid_checkpoint(tmp_path, data_cache):
     assert_ok(fresh)
 
 
+def test_checkpoints_after_the_resumed_step_are_never_picked_over_the_resumed_runs(tmp_path, data_cache):
+    """keep_last_k keeps the highest steps and run.resume=auto takes the highest that loads, so a checkpoint
+    left from beyond the resumed step would crowd out the resumed run's own and be picked after its next stop."""
+    args = ["train.max_steps=4", "train.eval_every=2", "checkpoint.save_every=2"]
+    assert_ok(tiny_run(tmp_path, data_cache, *args, name="later"))
+    run_dir = tmp_path / "later"
+
+    # Rolling back to step 2 with a readable step-4 checkpoint in the directory: refused, naming it.
+    rollback = tiny_run(tmp_path, data_cache, *args, f"run.resume={run_dir / 'ckpt-step-2.pt'}", name="later")
+    assert rollback.returncode == 2 and "Traceback" not in rollback.stderr
+    assert "ckpt-step-4.pt" in rollback.stderr.splitlines()[-1]
+
+    # A torn step-4 checkpoint (a save cut short): auto resumes from step 2 and removes it, so the resumed
+    # run's step-3 checkpoint is kept rather than pruned in favour of a file that cannot load.
+    newest = run_dir / "ckpt-step-4.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    resumed = tiny_run(tmp_path, data_cache, "train.max_steps=3", "checkpoint.save_every=1",
+                       "checkpoint.keep_last_k=1", "run.resume=auto", name="later")
+    assert_ok(resumed)
+    assert [path.name for path in sorted(run_dir.glob("ckpt-step-*.pt"))] == ["ckpt-step-3.pt"]
+
+
 def test_resume_refuses_other_architecture_and_format(tmp_path, data_cache):
     assert_ok(tiny_run(tmp_path, data_cache, "train.max_steps=2", "checkpoint.save_every=2", name="base"))
     ckpt_path = tmp_path / "base" / "ckpt-step-2.pt"

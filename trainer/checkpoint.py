@@ -297,6 +297,16 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def opens(path: Path) -> bool:
+    """Whether the file opens as a torch archive at all; a save cut short does not. Memory-mapped: no tensor
+    data is read."""
+    try:
+        _read_checkpoint(path, mmap=True)
+    except Exception:  # a damaged archive fails with almost any exception type
+        return False
+    return True
+
+
 def prune_full_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> list[Path]:
     """Delete all but the newest `keep_last_k` ckpt-step-*.pt, each with the engine-native state beside it
     (ckpt-step-N.deepspeed/); model snapshots and best/final models are kept."""
@@ -304,12 +314,17 @@ def prune_full_checkpoints(run_dir: str | os.PathLike, keep_last_k: int) -> list
         raise ValueError(f"keep_last_k must be >= 1, got {keep_last_k}")
     checkpoints = list_full_checkpoints(run_dir)
     doomed = [path for _, path in checkpoints[:-keep_last_k]]
-    for path in doomed:
+    remove_full_checkpoints(doomed)
+    return doomed
+
+
+def remove_full_checkpoints(paths: list[Path]) -> None:
+    """Delete these ckpt-step-N.pt files, each with the engine-native state beside it (ckpt-step-N.deepspeed/)."""
+    for path in paths:
         path.unlink(missing_ok=True)
         shutil.rmtree(path.with_suffix(".deepspeed"), ignore_errors=True)
-    if doomed:
-        fsync_directory(Path(run_dir))
-    return doomed
+    for directory in {path.parent for path in paths}:
+        fsync_directory(directory)
 
 
 _SNAPSHOT_PATTERN = re.compile(r"^model-step-(\d+)\.safetensors$")

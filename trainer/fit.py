@@ -46,6 +46,25 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
+def settle_later_checkpoints(cfg: Config, run_dir: Path, step: int, is_main: bool) -> None:
+    """Deal with checkpoints of run_dir beyond the resumed step. keep_last_k keeps the highest steps and
+    run.resume=auto takes the highest that loads, so left in place they would crowd out the resumed run's own
+    checkpoints and be resumed from after its next stop, as if they were its own."""
+    later = [path for saved, path in ckpt.list_full_checkpoints(run_dir) if saved > step]
+    if not later:
+        return
+    names = ", ".join(path.name for path in later)
+    # Under auto these are the newer files find_latest_checkpoint skipped. One that does not even open is a save
+    # cut short and can go; anything else (a rollback to an earlier path, a foreign file) is the user's to move.
+    if cfg.run.resume != "auto" or any(ckpt.opens(path) for path in later):
+        raise UserError(f"{run_dir} holds checkpoints after step {step} ({names}), which run.resume=auto would "
+                        "later pick over this run's own; move them out of that directory first, or resume into "
+                        "another run.name")
+    if is_main:
+        log.warning("removing %s: newer than step %d but unreadable (a save cut short)", names, step)
+        ckpt.remove_full_checkpoints(later)
+
+
 def record_config(cfg: Config, run_dir: Path) -> None:
     """resolved_config.yaml: the validated config this run directory's checkpoints were (or are being) trained
     with. Written once the run is accepted, so a refused launch cannot overwrite it."""
@@ -153,6 +172,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
         if (saved_by == "deepspeed") != (engine.name == "deepspeed"):
             raise UserError(f"{start_from} was written by the {saved_by} engine, whose optimizer state this "
                             f"{engine.name} run cannot read; resume with the hardware it was trained on")
+        settle_later_checkpoints(cfg, run_dir, int(checkpoint["step"]), engine.is_main)
         engine.load_training_state(checkpoint, start_from)
         stream.load_state_dict(checkpoint["data_state"])
         callbacks.load_state_dict(checkpoint["callback_state"])
