@@ -122,6 +122,17 @@ def test_resume_auto_picks_the_newest_valid_checkpoint(tmp_path, data_cache):
     assert_ok(fresh)
 
 
+def test_resume_auto_refuses_to_start_over_a_run_whose_checkpoints_all_fail_to_load(tmp_path, data_cache):
+    run_dir = tmp_path / "torn"
+    run_dir.mkdir()
+    (run_dir / "ckpt-step-4.pt").write_bytes(b"PK\x03\x04 cut short")
+    result = tiny_run(tmp_path, data_cache, "train.max_steps=2", "run.resume=auto", name="torn")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ckpt-step-4.pt" in result.stderr.splitlines()[-1]
+    assert sorted(path.name for path in run_dir.iterdir() if not path.name.startswith(".")) == [
+        "ckpt-step-4.pt", "run.log"]
+
+
 def test_checkpoints_after_the_resumed_step_are_never_picked_over_the_resumed_runs(tmp_path, data_cache):
     """keep_last_k keeps the highest steps and run.resume=auto takes the highest that loads, so a checkpoint
     left from beyond the resumed step would crowd out the resumed run's own and be picked after its next stop."""

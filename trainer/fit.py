@@ -37,6 +37,12 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if wanted == "auto":
         found = ckpt.find_latest_checkpoint(run_dir)
+        existing = ckpt.list_full_checkpoints(run_dir)
+        if found is None and existing:
+            # Starting fresh here would train over the run's record and overwrite its checkpoints one by one.
+            raise UserError(f"run.resume=auto: none of the checkpoints in {run_dir} loads (newest: "
+                            f"{existing[-1][1].name}; see the warnings above); move them out of that directory to "
+                            "start the run over, or start a new run with run.name=<other name>")
         if found is None:
             log.info("run.resume=auto: no checkpoint in %s, starting fresh", run_dir)
         return found
