@@ -91,6 +91,11 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, data_cach
     refused = tiny_run(tmp_path, data_cache, *STEPS, *ds, f"run.resume={run_dir / 'ckpt-step-2.pt'}", name="zero1")
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr and "--nproc_per_node=2" in refused.stderr.splitlines()[-1]
+    # Nor can ZeRO-0 (plain data parallel) read ZeRO's partitions, whatever the world size.
+    refused = tiny_run(tmp_path, data_cache, *STEPS, *ds, "hardware.deepspeed.zero_stage=0",
+                       f"run.resume={run_dir / 'ckpt-step-2.pt'}", name="zero1")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and "zero_stage=2" in refused.stderr.splitlines()[-1]
 
 
 def test_ddp_trains_the_moe_family_like_one_process(tmp_path, data_cache):

@@ -141,7 +141,11 @@ class DeepSpeedEngine(DistributedEngine):
         # ZeRO (stage >= 1) saves each process's partition of the optimizer state and cannot re-partition it
         # for another world size; DeepSpeed would only say so in a traceback, after loading the weights.
         saved_world = len(checkpoint.get("rng_states_by_rank") or [checkpoint])
-        saved_stage = checkpoint["config"]["hardware"]["deepspeed"]["zero_stage"]
+        saved_stage, stage = checkpoint["config"]["hardware"]["deepspeed"]["zero_stage"], self.hw.deepspeed.zero_stage
+        if (saved_stage > 0) != (stage > 0):  # stages 1 and 2 share one optimizer state format; 0 has its own
+            raise UserError(f"{checkpoint_path} holds the optimizer state of hardware.deepspeed.zero_stage="
+                            f"{saved_stage}, which zero_stage={stage} cannot read; resume with "
+                            f"hardware.deepspeed.zero_stage={saved_stage}")
         if saved_stage > 0 and saved_world != self.world_size:
             raise UserError(f"{checkpoint_path} holds ZeRO-{saved_stage} optimizer state partitioned over "
                             f"{saved_world} process(es), which DeepSpeed cannot re-partition for this run's "
