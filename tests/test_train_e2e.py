@@ -313,6 +313,12 @@ def test_a_finished_run_relaunched_unchanged_builds_no_data_or_model(tmp_path, d
     with pytest.raises(UserError, match=r"n_layer=2 but this run is \S*n_layer=3; resume it with model.n_layer=2"):
         fit.train(compose_validated([*base, "run.resume=auto", "model.n_layer=3"]), run_dir)
 
+    # The final checkpoint deleted to redo the tail from an earlier one: that is what happens.
+    redo = [*base, "train.max_steps=4"]
+    fit.train(compose_validated(redo), tmp_path / "redo")
+    (tmp_path / "redo" / "ckpt-step-4.pt").unlink()
+    again = fit.train(compose_validated([*redo, "run.resume=auto"]), tmp_path / "redo")
+    assert again["final_step"] == 4 and again["resumed_from"].endswith("ckpt-step-2.pt")
     # Without a final checkpoint the newest one is older than the end: still finished, nothing retrained.
     no_final = [*base, "train.max_steps=3", "checkpoint.save_final=false"]
     assert fit.train(compose_validated(no_final), tmp_path / "no-final")["status"] == "completed"

@@ -104,10 +104,13 @@ def unchanged_finished_run(cfg: Config, run_dir: Path) -> dict | None:
     if _recorded_as(recorded.read_text()) != _recorded_as(resolved_yaml(cfg)):
         return None
     # summary.json is written last, so "completed at this config's max_steps" means every artifact was
-    # written; the newest checkpoint may still be older (checkpoint.save_final=false).
+    # written. The final checkpoint must be there too, unless none was written (checkpoint.save_final=false):
+    # a user who deleted it to redo the tail from an earlier one gets that.
     summary = json.loads(summary_path.read_text())
     done = summary.get("status") == "completed" and summary.get("final_step") == cfg.train.max_steps
-    return summary if done else None
+    checkpoints = ckpt.list_full_checkpoints(run_dir)
+    at_end = bool(checkpoints) and checkpoints[-1][0] == cfg.train.max_steps
+    return summary if done and (at_end or not cfg.checkpoint.save_final) else None
 
 
 def _say_already_completed(step: int, max_steps: int) -> None:
