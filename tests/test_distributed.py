@@ -51,6 +51,7 @@ def test_ddp_two_processes_match_one_process(tmp_path, data_cache, single_refere
     assert_ok(result)
     run_dir = tmp_path / "ddp"
     assert result.stdout.count("run directory:") == 1, "one closing report, not one per process"
+    assert (tmp_path / "ddp" / "run.log").read_text().count("] - data: ") == 1, "one log, not one per process"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["engine"], summary["world_size"], summary["status"]) == ("ddp", 2, "completed")
     assert summary["tokens_seen"] == json.loads((single_reference / "summary.json").read_text())["tokens_seen"]

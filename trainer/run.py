@@ -32,8 +32,10 @@ def main(cfg) -> None:
     from hydra.types import RunMode
 
     from trainer.job import discard_refused_launch, holds_no_earlier_run, run_job
+    from trainer.rank_logging import quiet_replicas
     from trainer.schema import UserError
 
+    quiet_replicas(int(os.environ.get("RANK", 0)))  # under torchrun, the main process reports
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1  # under torchrun every rank shares run_dir
     new_run_dir = single_process and holds_no_earlier_run(run_dir)

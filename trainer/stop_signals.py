@@ -16,6 +16,8 @@ import logging
 import signal
 import threading
 
+from trainer.rank_logging import EVERY_RANK
+
 log = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
@@ -46,11 +48,11 @@ class StopSignals:
         if self.received is None:
             self.received = name
             log.warning("%s received: stopping after the current update with a checkpoint "
-                        "(press Ctrl-C again to stop at once, without one)", name)
+                        "(press Ctrl-C again to stop at once, without one)", name, extra=EVERY_RANK)
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second stop signal ({name}) while stopping")
         else:
-            log.warning("%s received again: already stopping after the current update", name)
+            log.warning("%s received again: already stopping after the current update", name, extra=EVERY_RANK)
 
     @property
     def exit_code(self) -> int:
