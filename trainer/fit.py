@@ -103,14 +103,16 @@ def unchanged_finished_run(cfg: Config, run_dir: Path) -> dict | None:
         return None
     if _recorded_as(recorded.read_text()) != _recorded_as(resolved_yaml(cfg)):
         return None
-    # summary.json is written last, so "completed at this config's max_steps" means every artifact was
-    # written. The final checkpoint must be there too, unless none was written (checkpoint.save_final=false):
-    # a user who deleted it to redo the tail from an earlier one gets that.
+    if cfg.checkpoint.save_final:
+        # The final checkpoint and model must be there too: a user who deleted either to redo the tail from an
+        # earlier checkpoint gets that.
+        checkpoints = ckpt.list_full_checkpoints(run_dir)
+        return finished_summary(run_dir, checkpoints[-1][0], cfg.train.max_steps) if checkpoints else None
+    # No final checkpoint or model was written. summary.json is written last, so "completed at this config's
+    # max_steps" is the whole record of a finished run.
     summary = json.loads(summary_path.read_text())
     done = summary.get("status") == "completed" and summary.get("final_step") == cfg.train.max_steps
-    checkpoints = ckpt.list_full_checkpoints(run_dir)
-    at_end = bool(checkpoints) and checkpoints[-1][0] == cfg.train.max_steps
-    return summary if done and (at_end or not cfg.checkpoint.save_final) else None
+    return summary if done else None
 
 
 def _say_already_completed(step: int, max_steps: int) -> None:
@@ -142,6 +144,8 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     finished = unchanged_finished_run(cfg, run_dir)
     if finished is not None:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
+        if engine.is_main:
+            ckpt.remove_stale_temporaries(run_dir)
         engine.close()
         return finished
     if engine.is_main:
