@@ -13,13 +13,12 @@ from omegaconf import OmegaConf
 from data import build_data
 from models import build_model, check_pretrained_source
 from trainer import checkpoint as ckpt
-from trainer.atomic_files import atomic_write_bytes
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.engines import build_engine
 from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import restore_rng_state, seed_everything
-from trainer.schema import Config, UserError, resolved_yaml
+from trainer.schema import Config, UserError, record_config, resolved_yaml
 from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 
@@ -37,8 +36,7 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if wanted == "auto":
         found = ckpt.find_latest_checkpoint(run_dir)
-        existing = ckpt.list_full_checkpoints(run_dir)
-        if found is None and existing:
+        if found is None and (existing := ckpt.list_full_checkpoints(run_dir)):
             # Starting fresh here would train over the run's record and overwrite its checkpoints one by one.
             raise UserError(f"run.resume=auto: none of the checkpoints in {run_dir} loads (newest: "
                             f"{existing[-1][1].name}; see the warnings above); move them out of that directory to "
@@ -69,12 +67,6 @@ def settle_later_checkpoints(cfg: Config, run_dir: Path, step: int, is_main: boo
     if is_main:
         log.warning("removing %s: newer than step %d but unreadable (a save cut short)", names, step)
         ckpt.remove_full_checkpoints(later)
-
-
-def record_config(cfg: Config, run_dir: Path) -> None:
-    """resolved_config.yaml: the validated config this run directory's checkpoints were (or are being) trained
-    with. Written once the run is accepted, so a refused launch cannot overwrite it."""
-    atomic_write_bytes(run_dir / "resolved_config.yaml", resolved_yaml(cfg).encode())
 
 
 def finished_summary(run_dir: Path, step: int, max_steps: int) -> dict | None:
@@ -141,17 +133,15 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_from = resume_path(cfg, run_dir)
+    if engine.is_main:
+        ckpt.remove_stale_temporaries(run_dir)
     finished = unchanged_finished_run(cfg, run_dir)
     if finished is not None:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
-        if engine.is_main:
-            ckpt.remove_stale_temporaries(run_dir)
         engine.close()
         return finished
-    if engine.is_main:
-        ckpt.remove_stale_temporaries(run_dir)
-        if start_from is None:
-            record_config(cfg, run_dir)
+    if engine.is_main and start_from is None:
+        record_config(cfg, run_dir)
     config_dict = asdict(cfg)
 
     check_pretrained_source(cfg.model)  # offline, a hub model fails before the data is prepared, not after

@@ -11,8 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.atomic_files import atomic_write_bytes
-from trainer.schema import resolved_yaml, validate
+from trainer.schema import record_config, validate
 
 
 def run_job(cfg: DictConfig) -> dict:
@@ -24,7 +23,7 @@ def run_job(cfg: DictConfig) -> dict:
 
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(run_dir / "resolved_config.yaml", resolved_yaml(config).encode())
+            record_config(config, run_dir)
         return {"task": "tokenize", "domains": tokenize_data(config.data)}
 
     from trainer.fit import describe_outputs, train

@@ -13,10 +13,13 @@ import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from numbers import Real
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from trainer.atomic_files import atomic_write_bytes
 
 
 class UserError(Exception):
@@ -432,6 +435,12 @@ def _default(spec: Any) -> Any:
 def resolved_yaml(config: Config) -> str:
     """The validated config, every default filled in, as written to a run's resolved_config.yaml."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def record_config(config: Config, run_dir: Path) -> None:
+    """resolved_config.yaml: the validated config a run directory's checkpoints (or shards) were made with.
+    Training writes it once the run is accepted, so a refused launch cannot overwrite it."""
+    atomic_write_bytes(Path(run_dir) / "resolved_config.yaml", resolved_yaml(config).encode())
 
 
 def validate(cfg: DictConfig) -> Config:
