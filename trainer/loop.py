@@ -101,42 +101,7 @@ class TrainingLoop:
         # A context manager, so an error escaping a step closes the bar and its message starts on its own line.
         with tqdm(total=cfg.train.max_steps, initial=state.step, disable=not engine.is_main,
                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.5) as bar:
-            window_tokens, window_start = 0, time.perf_counter()
-            while state.step < cfg.train.max_steps and state.stop_reason is None:
-                lr = engine.lr()
-                metrics, signalled = self.train_step()
-                state.step += 1
-                state.tokens_seen += self.tokens_per_step
-                window_tokens += self.tokens_per_step
-                elapsed = time.perf_counter() - window_start
-                metrics.update({"train/lr": lr, "train/tokens": float(state.tokens_seen),
-                                "train/tokens_per_sec": window_tokens / max(elapsed, 1e-9)})
-                router_due = state.step % cfg.train.log_router_every == 0
-                logged = {k: v for k, v in metrics.items() if router_due or not k.startswith("router/")}
-                if state.step % cfg.train.log_every == 0 or router_due:
-                    self.tracker.log(logged, step=state.step)
-                state.stop_reason = self.callbacks.on_step_end(state.step, metrics)
-                # Postfix first: update() redraws, so the bar shows this step's loss, not the previous one's.
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
-                                refresh=False)
-                bar.update(1)
-                if state.step % 20 == 0:  # tokens/s over a recent window, not since the start
-                    window_tokens, window_start = 0, time.perf_counter()
-                final = state.step == cfg.train.max_steps or state.stop_reason is not None
-                if state.step % cfg.train.eval_every == 0 or final:
-                    self._eval()
-                if signalled and state.stop_reason is None and state.step < cfg.train.max_steps:
-                    # The grace period before SIGKILL is short: save what resume needs and stop. No final
-                    # snapshot or figures (the run is not finished); an eval that was due has run above, so
-                    # the resumed run's metrics match an uninterrupted one's.
-                    received = self.stop_signals.received or "a stop signal sent to another process"
-                    state.stop_reason = (f"{received} at step {state.step}: checkpoint saved, continue with "
-                                         "run.resume=auto")
-                    state.stopped_by_signal = True
-                    self.save_checkpoint()
-                    break
-                if state.step % cfg.checkpoint.save_every == 0 or (final and cfg.checkpoint.save_final):
-                    self.save_checkpoint()
+            self._train_until_stop(bar)
         if state.stopped_by_signal:
             return state
         if cfg.checkpoint.save_final:
@@ -144,6 +109,45 @@ class TrainingLoop:
         if engine.is_main:
             self.callbacks.on_train_end(self.run_dir, state.last_eval)
         return state
+
+    def _train_until_stop(self, bar) -> None:
+        """Updates until max_steps, a callback's stop reason or a stop signal; evals and checkpoints as due."""
+        cfg, state, engine = self.cfg, self.state, self.engine
+        window_tokens, window_start = 0, time.perf_counter()
+        while state.step < cfg.train.max_steps and state.stop_reason is None:
+            lr = engine.lr()
+            metrics, signalled = self.train_step()
+            state.step += 1
+            state.tokens_seen += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            elapsed = time.perf_counter() - window_start
+            metrics.update({"train/lr": lr, "train/tokens": float(state.tokens_seen),
+                            "train/tokens_per_sec": window_tokens / max(elapsed, 1e-9)})
+            router_due = state.step % cfg.train.log_router_every == 0
+            logged = {k: v for k, v in metrics.items() if router_due or not k.startswith("router/")}
+            if state.step % cfg.train.log_every == 0 or router_due:
+                self.tracker.log(logged, step=state.step)
+            state.stop_reason = self.callbacks.on_step_end(state.step, metrics)
+            # Postfix first: update() redraws, so the bar shows this step's loss, not the previous one's.
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
+                            refresh=False)
+            bar.update(1)
+            if state.step % 20 == 0:  # tokens/s over a recent window, not since the start
+                window_tokens, window_start = 0, time.perf_counter()
+            final = state.step == cfg.train.max_steps or state.stop_reason is not None
+            if state.step % cfg.train.eval_every == 0 or final:
+                self._eval()
+            if signalled and state.stop_reason is None and state.step < cfg.train.max_steps:
+                # The grace period before SIGKILL is short: save what resume needs and stop. No final
+                # snapshot or figures (the run is not finished); an eval that was due has run above, so
+                # the resumed run's metrics match an uninterrupted one's.
+                received = self.stop_signals.received or "a stop signal sent to another process"
+                state.stop_reason = f"{received} at step {state.step}: checkpoint saved, continue with run.resume=auto"
+                state.stopped_by_signal = True
+                self.save_checkpoint()
+                break
+            if state.step % cfg.checkpoint.save_every == 0 or (final and cfg.checkpoint.save_final):
+                self.save_checkpoint()
 
     def _eval(self) -> None:
         metrics = evaluate(self.engine, self.eval_sets, self.cfg.train.batch_size)
