@@ -297,6 +297,12 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def rng_states_by_rank(checkpoint: dict[str, Any]) -> list[dict]:
+    """The RNG state each process saved, in rank order; its length is the world size that wrote the
+    checkpoint (a single-process checkpoint holds its one state at the top level)."""
+    return checkpoint.get("rng_states_by_rank") or [checkpoint]
+
+
 def opens(path: Path) -> bool:
     """Whether the file opens as a torch archive at all; a save cut short does not. Memory-mapped: no tensor
     data is read."""

@@ -118,7 +118,7 @@ def rng_state_for(checkpoint: dict, engine) -> dict | None:
     """This process's RNG state from a checkpoint; None for a process the checkpoint has none for (the world
     grew), which keeps its own stream seeded with run.seed + rank: rank 0's state would make it draw the same
     dropout masks and router noise as rank 0 for the rest of the run."""
-    by_rank = checkpoint.get("rng_states_by_rank") or [checkpoint]
+    by_rank = ckpt.rng_states_by_rank(checkpoint)
     if len(by_rank) != engine.world_size and engine.is_main:
         log.warning("checkpoint was written by %d processes, this run has %d: processes beyond the checkpoint's "
                     "draw from fresh random streams, so dropout draws differ from the original run", len(by_rank),

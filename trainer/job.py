@@ -16,7 +16,8 @@ from trainer.schema import record_config, validate
 
 def run_job(cfg: DictConfig) -> dict:
     config = validate(cfg)  # before any torch import: user mistakes cost nothing
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
     is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process writes and reports
     if config.run.task == "tokenize":
         from data.tokenize_shards import tokenize_data
@@ -30,7 +31,6 @@ def run_job(cfg: DictConfig) -> dict:
 
     # train() writes resolved_config.yaml itself, once it has accepted the run directory: a refused resume
     # must not overwrite the record of the run whose checkpoints are there.
-    hydra = HydraConfig.get()
     # A sweep's jobs share run.name (the preset): on W&B they are told apart by directory and grouped by sweep.
     sweep = Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
     summary = train(config, run_dir, sweep=sweep)

@@ -36,10 +36,10 @@ def main(cfg) -> None:
     from trainer.schema import UserError
 
     quiet_replicas(int(os.environ.get("RANK", 0)))  # under torchrun, the main process reports
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1  # under torchrun every rank shares run_dir
     new_run_dir = single_process and holds_no_earlier_run(run_dir)
-    hydra_cfg = HydraConfig.get()
     if (hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.job.num == 0 and cfg.run.resume == "auto"
             and not any(o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra)):
         # The default sweep directory is named by the launch time, so auto-resume would find no earlier sweep's
@@ -52,12 +52,11 @@ def main(cfg) -> None:
     except UserError as err:
         # A single run says it in one line. In a sweep the error propagates, so Hydra names the failed
         # job and runs the others (its directory stays, with the job's overrides in .hydra/).
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             # Hydra reports only the sweep's first failed job at the end: log each as it fails (console and
             # the job's run.log), so every refused combination of the matrix is visible.
-            overrides = " ".join(HydraConfig.get().overrides.task)
-            logging.getLogger("trainer.run").error("job #%s (%s) refused: %s", HydraConfig.get().job.num,
-                                                   overrides, err)
+            overrides = " ".join(hydra_cfg.overrides.task)
+            logging.getLogger("trainer.run").error("job #%s (%s) refused: %s", hydra_cfg.job.num, overrides, err)
             raise
         if new_run_dir:
             discard_refused_launch(run_dir, Path(cfg.run.output_dir))  # no outputs/<name>/ left behind

@@ -132,6 +132,7 @@ class DeepSpeedEngine(DistributedEngine):
             deepspeed.comm.destroy_process_group()
 
     def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
+        from trainer.checkpoint import rng_states_by_rank
         from trainer.schema import UserError
 
         directory = native_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
@@ -140,7 +141,7 @@ class DeepSpeedEngine(DistributedEngine):
                             "resume from another checkpoint or with the engine that wrote it")
         # ZeRO (stage >= 1) saves each process's partition of the optimizer state and cannot re-partition it
         # for another world size; DeepSpeed would only say so in a traceback, after loading the weights.
-        saved_world = len(checkpoint.get("rng_states_by_rank") or [checkpoint])
+        saved_world = len(rng_states_by_rank(checkpoint))
         saved_stage, stage = checkpoint["config"]["hardware"]["deepspeed"]["zero_stage"], self.hw.deepspeed.zero_stage
         if (saved_stage > 0) != (stage > 0):  # stages 1 and 2 share one optimizer state format; 0 has its own
             raise UserError(f"{checkpoint_path} holds the optimizer state of hardware.deepspeed.zero_stage="
