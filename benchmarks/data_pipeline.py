@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import torch
 from hydra import compose, initialize_config_dir
 
+from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.shard_data import build_shard_data
 from data.shards import read_index
 from data.sources import load_documents
@@ -60,7 +61,7 @@ from data.tokenizer import load_gpt2
 from models import build_model
 from trainer.optim import build_optimizer
 from trainer.rng import seed_everything
-from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, register_schemas, validate
+from trainer.schema import register_schemas, validate
 
 TARGETS = {"tokenize_vs_datasets_map": ">= 1.0", "loader_vs_model": ">= 50"}
 EMBEDDED = ("code", "prose")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.atomic_files import atomic_path
+from trainer.base.atomic_files import atomic_path
 
 
 def digest(*parts: Any) -> str:

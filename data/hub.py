@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from trainer.hub import require_hub
-from trainer.schema import DomainConfig, UserError
+from trainer.base.errors import UserError
+from trainer.base.hub import require_hub
 
+from .config import DomainConfig
 from .local_files import kept
 
 

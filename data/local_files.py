@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".txt", ".txt.gz", ".md", ".parquet")
 _JSONL = (".jsonl", ".jsonl.gz", ".json")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 from .mixing import MixSchedule
 

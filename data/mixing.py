@@ -1,11 +1,11 @@
 """Per-domain sampling weights that follow a schedule over training (a data curriculum).
 
-The rules for valid points live in trainer.schema.normalise_mix, which config validation calls too.
+The rules for valid points live in data.config.normalise_mix, which config validation calls too.
 """
 
 from __future__ import annotations
 
-from trainer.schema import normalise_mix
+from .config import normalise_mix
 
 
 class MixSchedule:

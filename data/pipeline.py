@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from trainer.schema import DataConfig, UserError
+from trainer.base.errors import UserError
 
 from . import sources
 from .cache import digest, load_array, load_json, save_array, save_json
+from .config import DataConfig
 from .mixed_stream import MixedStream
 from .mixing import MixSchedule
 from .packing import PackedBlocks, pack

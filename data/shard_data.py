@@ -9,9 +9,10 @@ import logging
 import os
 import time
 
-from trainer.schema import DataConfig, UserError
+from trainer.base.errors import UserError
 
 from . import sources
+from .config import DataConfig
 from .mixing import MixSchedule
 from .pipeline import DataBundle
 from .shards import ShardBlocks, ShardSet

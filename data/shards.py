@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.atomic_files import atomic_path
-from trainer.schema import UserError
+from trainer.base.atomic_files import atomic_path
+from trainer.base.errors import UserError
 
 from .cache import load_json, save_json
 from .packing import PackedBlocks, pack

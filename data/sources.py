@@ -6,9 +6,10 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 
-from trainer.schema import DataConfig, UserError
+from trainer.base.errors import UserError
 
 from . import embedded, hub, local_files, math_problems
+from .config import DataConfig
 
 EMBEDDED_DOMAINS = ("code", "math", "prose")
 # Modules whose code decides the documents' text; their source is part of the cache key.

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 from .packing import PackedBlocks
 

@@ -24,10 +24,11 @@ from itertools import chain, islice
 import numpy as np
 from tqdm import tqdm
 
-from trainer.atomic_files import remove_temporaries
-from trainer.schema import DataConfig, UserError
+from trainer.base.atomic_files import remove_temporaries
+from trainer.base.errors import UserError
 
 from . import hub, shards, sources
+from .config import DataConfig
 from .tokenizer import TextTokenizer, load_named_tokenizer
 
 log = logging.getLogger(__name__)

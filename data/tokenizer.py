@@ -10,10 +10,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.atomic_files import atomic_path
-from trainer.schema import BPE_WITH_SHARDS, TokenizerConfig, UserError
+from trainer.base.atomic_files import atomic_path
+from trainer.base.errors import UserError
 
 from .cache import text_digest
+from .config import BPE_WITH_SHARDS, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def load_gpt2() -> TextTokenizer:
 
 def load_pretrained(name: str) -> TextTokenizer:
     """A transformers tokenizer from a local directory (offline) or a hub name (cached copy first)."""
-    from trainer.hub import hub_reachable
+    from trainer.base.hub import hub_reachable
 
     offline_hint = "use data.tokenizer.name=bpe or data.tokenizer.name=gpt2 (both work offline) or a local directory"
     try:

@@ -14,8 +14,9 @@ import torch
 
 from data.tokenizer import load_saved_tokenizer
 from models import build_model
+from trainer.base.errors import UserError
 from trainer.checkpoint import load_model_snapshot
-from trainer.schema import MODEL_SCHEMAS, UserError
+from trainer.schema import MODEL_SCHEMAS
 
 
 def load_snapshot_model(snapshot: str | Path):

@@ -25,7 +25,8 @@ def count(overrides: list[str], vocab_size: int | None = None) -> tuple[int, obj
     from hydra import compose, initialize_config_dir
 
     from models import build_model
-    from trainer.schema import UserError, register_schemas, validate
+    from trainer.base.errors import UserError
+    from trainer.schema import register_schemas, validate
 
     register_schemas()
     paths = [o for o in overrides if "=" not in o and Path(o).exists()]

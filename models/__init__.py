@@ -13,7 +13,7 @@ import importlib
 import os
 
 from models.output import ModelOutput, lm_output
-from trainer.hub import require_hub
+from trainer.base.hub import require_hub
 
 FAMILIES = {"dense": "models.gpt2", "moe": "models.gpt2_moe", "polyglu": "models.polyglu_lm"}
 

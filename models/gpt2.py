@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 from models import check_pretrained_source
 from models.output import ModelOutput, lm_output
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 
 def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:

@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from trainer.callbacks import Callback, StepSchedule
+from trainer.base.callbacks import Callback, StepSchedule
 
 log = logging.getLogger(__name__)
 

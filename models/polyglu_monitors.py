@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from trainer.callbacks import Callback, StepSchedule
+from trainer.base.callbacks import Callback, StepSchedule
 
 log = logging.getLogger(__name__)
 

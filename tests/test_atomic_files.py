@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import atomic_files
-from trainer.atomic_files import atomic_path, atomic_write_bytes, remove_temporaries
+from trainer.base import atomic_files
+from trainer.base.atomic_files import atomic_path, atomic_write_bytes, remove_temporaries
 
 
 def _leftovers(directory: Path) -> list[str]:

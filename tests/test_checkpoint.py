@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
+from trainer.base.errors import UserError
 from trainer.rng import capture_rng_state, restore_rng_state, seed_everything
-from trainer.schema import UserError
 
 
 def _payload(step: int, **extra):
@@ -318,7 +318,7 @@ def test_optimizer_state_refuses_unknown_names_and_mixed_groups():
 
 def test_summary_and_sidecar_json_is_strict_even_for_a_diverged_run(tmp_path):
     """NaN and Infinity are not JSON: jq, JavaScript and strict loaders reject a file holding them."""
-    from trainer.checkpoint import to_json_bytes
+    from trainer.base.json_files import to_json_bytes
     from trainer.fit import describe_outputs
 
     def strict(text: str):

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, compose_validated, run_cli
+from trainer.base.errors import UserError
 from trainer.errors import explain
-from trainer.schema import UserError, validate
+from trainer.schema import validate
 
 CONF = ROOT / "conf"
 

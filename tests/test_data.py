@@ -8,14 +8,14 @@ import logging
 import numpy as np
 import pytest
 
-from data import DataBundle, PackedBlocks, TextTokenizer, build_data
+from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.embedded import strip_docstrings
 from data.math_problems import math_documents
-from data.packing import pack
-from data.pipeline import split_documents
+from data.packing import PackedBlocks, pack
+from data.pipeline import DataBundle, build_data, split_documents
 from data.sources import take_until
-from data.tokenizer import load_gpt2, train_bpe
-from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
+from data.tokenizer import TextTokenizer, load_gpt2, train_bpe
+from trainer.base.errors import UserError
 
 DOMAINS = ("code", "math", "prose")
 

@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-import trainer.hub
-from data import build_data
+import trainer.base.hub
+from data.config import DataConfig, DomainConfig, TokenizerConfig
+from data.pipeline import build_data
 from data.tokenizer import load_pretrained
 from tests.conftest import tiny_run
-from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
+from trainer.base.errors import UserError
 
 
 @pytest.fixture
@@ -26,25 +27,25 @@ def test_offline_env_is_read_on_every_call_and_the_probe_is_cached(monkeypatch):
         calls.append(address)
         raise OSError("no network in this test")
 
-    monkeypatch.setattr(trainer.hub.socket, "create_connection", connect)
+    monkeypatch.setattr(trainer.base.hub.socket, "create_connection", connect)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid:8443/mirror")
-    probe = trainer.hub._probe
+    probe = trainer.base.hub._probe
     probe.cache_clear()
     try:
-        assert trainer.hub.hub_reachable() is False and calls == []  # the environment answers, no probe
+        assert trainer.base.hub.hub_reachable() is False and calls == []  # the environment answers, no probe
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        assert trainer.hub.hub_reachable() is False and calls == [("hub.invalid", 443)]
-        assert trainer.hub.hub_reachable() is False and len(calls) == 1  # the probe's answer is cached per host
+        assert trainer.base.hub.hub_reachable() is False and calls == [("hub.invalid", 443)]
+        assert trainer.base.hub.hub_reachable() is False and len(calls) == 1  # the probe's answer is cached per host
         monkeypatch.setenv("HF_ENDPOINT", "https://other.invalid")
-        assert trainer.hub.hub_reachable() is False and calls[-1] == ("other.invalid", 443)
-        monkeypatch.setattr(trainer.hub, "_probe", lambda host, timeout_s: True)
-        assert trainer.hub.hub_reachable() is True
+        assert trainer.base.hub.hub_reachable() is False and calls[-1] == ("other.invalid", 443)
+        monkeypatch.setattr(trainer.base.hub, "_probe", lambda host, timeout_s: True)
+        assert trainer.base.hub.hub_reachable() is True
         monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")  # set later in the same process: still honoured
-        assert trainer.hub.hub_reachable() is False
+        assert trainer.base.hub.hub_reachable() is False
         with pytest.raises(UserError, match="data.x='y'"):
-            trainer.hub.require_hub("data.x", "y", "use data=embedded")
+            trainer.base.hub.require_hub("data.x", "y", "use data=embedded")
     finally:
         probe.cache_clear()
 
@@ -88,7 +89,7 @@ def test_offline_hub_tokenizer_fails_fast(tmp_path, offline):
 def test_missing_datasets_package_names_the_extra(tmp_path, monkeypatch):
     if importlib.util.find_spec("datasets") is not None:
         pytest.skip("datasets is installed")
-    monkeypatch.setattr(trainer.hub, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(trainer.base.hub, "hub_reachable", lambda *a, **k: True)
     with pytest.raises(UserError, match=r'pip install -e "\.\[hub\]"'):
         build_data(hub_cfg(tmp_path), seed=0)
 

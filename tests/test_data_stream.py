@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import BlockStream, PackedBlocks
-from trainer.schema import UserError
+from data.packing import PackedBlocks
+from data.stream import BlockStream
+from trainer.base.errors import UserError
 
 
 def blocks(n: int = 23, t: int = 8) -> PackedBlocks:

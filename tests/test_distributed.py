@@ -242,8 +242,9 @@ def test_ddp_stops_every_process_at_the_same_update_when_one_is_signalled(tmp_pa
 
 
 def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
+    from trainer.base.errors import UserError
     from trainer.engines.distributed import backend_for
-    from trainer.schema import HardwareConfig, UserError
+    from trainer.schema import HardwareConfig
 
     cpu = torch.device("cpu")
     assert backend_for(HardwareConfig(dist_backend="auto"), cpu) == "gloo"
@@ -254,8 +255,9 @@ def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
 def test_a_device_this_machine_lacks_is_refused_with_what_to_use():
+    from trainer.base.errors import UserError
     from trainer.engines.base import resolve_device
-    from trainer.schema import HardwareConfig, UserError
+    from trainer.schema import HardwareConfig
 
     assert resolve_device(HardwareConfig(name="cpu", device="auto")) == torch.device("cpu")
     for hardware, device, way_out in (("cuda", "cuda", "use hardware=cpu, or hardware.device=auto"),

@@ -9,8 +9,9 @@ import os
 import pytest
 
 from data import hub, sources
+from data.config import DataConfig, DomainConfig
 from data.local_files import SUPPORTED, expand_paths, local_documents, local_signature
-from trainer.schema import DataConfig, DomainConfig, UserError
+from trainer.base.errors import UserError
 
 KEY = "data.domains.math.paths"
 

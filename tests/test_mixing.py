@@ -12,7 +12,7 @@ import torch
 from data.mixed_stream import MixedStream
 from data.mixing import MixSchedule
 from data.packing import PackedBlocks
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 DOMAINS = ["code", "math", "stem"]  # sorted; domain k's blocks start at k * OFFSET
 OFFSET, T = 100_000, 8

@@ -10,10 +10,11 @@ import torch
 
 from models import ModelOutput, build_model
 from tests.conftest import clean_env, tiny_run
+from trainer.base.errors import UserError
+from trainer.base.hub import hub_reachable
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
-from trainer.hub import hub_reachable
 from trainer.optim import WarmupCosine, build_optimizer, parameter_groups, warmup_cosine
-from trainer.schema import GPT2Config, OptimConfig, UserError
+from trainer.schema import GPT2Config, OptimConfig
 
 
 def tiny_gpt2(**overrides) -> torch.nn.Module:

@@ -13,8 +13,9 @@ from models import build_model
 from models.moe_monitors import CollapseDetector, RouterNoiseSchedule, router_noise
 from tests.conftest import assert_ok, tiny_run
 from tests.test_train_e2e import assert_same_weights, metrics, train_losses
+from trainer.base.errors import UserError
 from trainer.optim import parameter_groups
-from trainer.schema import GPT2Config, MoEGPT2Config, UserError
+from trainer.schema import GPT2Config, MoEGPT2Config
 
 # A 2-block model with experts in its last block: the seed's layout in miniature.
 TINY_MOE = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4"]

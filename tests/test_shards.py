@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from data import shards, tokenize_shards
+from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.mixed_stream import MixedStream
 from data.mixing import MixSchedule
 from data.shard_data import build_shard_data
 from data.shards import ShardBlocks, ShardSet
 from data.tokenizer import load_gpt2
-from trainer.schema import DataConfig, DomainConfig, TokenizerConfig, UserError
+from trainer.base.errors import UserError
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -362,7 +363,7 @@ FILES = "hf://datasets/codeparrot/github-code/data/train-*.parquet"  # polyglu-m
 def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gpt2):
     """The hub path up to `datasets.load_dataset`, which is replaced by rows in memory (no network here)."""
     datasets = pytest.importorskip("datasets")
-    import trainer.hub
+    import trainer.base.hub
 
     rows = [{"code": f"def f{i}():\n    return {i}\n", "language": "Python" if i % 3 else "Java"} for i in range(300)]
     calls = []
@@ -371,7 +372,7 @@ def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gp
         calls.append((name, config, split, streaming, kwargs))
         return iter(rows)
 
-    monkeypatch.setattr(trainer.hub, "hub_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr(trainer.base.hub, "hub_reachable", lambda timeout_s=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     cfg = DataConfig(name="hubby", source="hub", format="shards", tokenizer=TokenizerConfig(name="gpt2"),
                      domains={"code": DomainConfig(dataset="parquet", data_files=[FILES], filter={"language": "Python"},

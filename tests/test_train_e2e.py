@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, TINY_GPT2, assert_ok, clean_env, compose_validated, tiny_run
+from trainer.base.errors import UserError
 from trainer.checkpoint import REQUIRED_KEYS, SIDECAR_REQUIRED_KEYS
-from trainer.schema import UserError
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from trainer.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
-from trainer.schema import MODEL_SCHEMAS, UserError, as_override
+from trainer.base.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
+from trainer.base.errors import UserError
+from trainer.base.json_files import to_json_bytes
+from trainer.schema import MODEL_SCHEMAS, as_override
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ _ST_ALIASES_KEY = "trainer_aliases"
 _SAFE_LEAF_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.Size, torch.dtype, torch.device)
 
 
-# atomic_path's temporaries are swept by trainer.atomic_files; this is the DeepSpeed engine's staging
+# atomic_path's temporaries are swept by trainer.base.atomic_files; this is the DeepSpeed engine's staging
 # directory (trainer/engines/deepspeed.py: `staging_dir`), renamed into place once every rank has written.
 _STAGING_DIR = re.compile(r"^ckpt-step-\d+\.deepspeed\.tmp$")
 
@@ -76,39 +78,6 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
         log.warning("removed %d partial file(s) left in %s by an interrupted save: %s", len(removed), directory,
                     ", ".join(path.name for path in sorted(removed)))
     return sorted(removed)
-
-
-def _json_default(value: Any) -> Any:
-    # Metrics often arrive as 0-dim tensors or numpy scalars; both expose .item().
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            return value.item()
-        except (ValueError, RuntimeError):
-            pass
-    if isinstance(value, (Path, torch.dtype, torch.device)):
-        return str(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _finite_or_null(obj: Any) -> Any:
-    # Strict JSON has no NaN or Infinity, and jq, JavaScript and many loaders reject them: a diverged run's
-    # non-finite numbers become null (its stop_reason says what happened). metrics.jsonl keeps them on purpose.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
-def to_json_bytes(obj: Any) -> bytes:
-    """Summary and sidecar JSON: strict (non-finite numbers as null), sorted keys, one trailing newline."""
-    # A round trip first, so numbers that arrive as tensors or numpy scalars are checked as well.
-    plain = json.loads(json.dumps(obj, default=_json_default))
-    return (json.dumps(_finite_or_null(plain), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- full checkpoints

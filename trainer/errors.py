@@ -12,7 +12,8 @@ from dataclasses import fields
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from trainer.schema import MODEL_SCHEMAS, UserError, allowed_keys_at, expected_value, keys_of, suggest
+from trainer.base.errors import UserError
+from trainer.schema import MODEL_SCHEMAS, allowed_keys_at, expected_value, keys_of, suggest
 
 NEW_DOMAIN_HOW = ("copy conf/data/local.yaml to conf/data/<name>.yaml (or to <dir>/data/<name>.yaml with "
                   "hydra.searchpath=[file://<dir>]), list the domain there, use data=<name>")

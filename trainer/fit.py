@@ -10,15 +10,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data import build_data
+from data.pipeline import build_data
 from models import build_model, check_pretrained_source
 from trainer import checkpoint as ckpt
+from trainer.base.errors import UserError
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.engines import build_engine
 from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import restore_rng_state, seed_everything
-from trainer.schema import Config, UserError, record_config, resolved_yaml
+from trainer.schema import Config, record_config, resolved_yaml
 from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 

@@ -31,9 +31,9 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from trainer.base.errors import UserError
     from trainer.job import discard_refused_launch, holds_no_earlier_run, run_job
     from trainer.rank_logging import quiet_replicas
-    from trainer.schema import UserError
 
     quiet_replicas(int(os.environ.get("RANK", 0)))  # under torchrun, the main process reports
     hydra_cfg = HydraConfig.get()

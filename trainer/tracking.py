@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
 
-from trainer.checkpoint import atomic_write_bytes, to_json_bytes
+from trainer.base.atomic_files import atomic_write_bytes
+from trainer.base.json_files import to_json_bytes
 from trainer.schema import TrackingConfig
 
 log = logging.getLogger("trainer.tracking")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
+from trainer.base.errors import UserError
 from trainer.engines.base import Engine
-from trainer.schema import HardwareConfig, UserError
+from trainer.schema import HardwareConfig
 
 
 def build_engine(hw: HardwareConfig) -> Engine:

@@ -8,7 +8,8 @@ import os
 import torch
 from torch import nn
 
-from trainer.schema import HardwareConfig, UserError
+from trainer.base.errors import UserError
+from trainer.schema import HardwareConfig
 
 
 def resolve_device(hw: HardwareConfig, local_rank: int = 0) -> torch.device:

@@ -132,8 +132,8 @@ class DeepSpeedEngine(DistributedEngine):
             deepspeed.comm.destroy_process_group()
 
     def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
+        from trainer.base.errors import UserError
         from trainer.checkpoint import rng_states_by_rank
-        from trainer.schema import UserError
 
         directory = native_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
         if not directory.is_dir():

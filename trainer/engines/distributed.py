@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.base.errors import UserError
 from trainer.engines.base import Engine
-from trainer.schema import UserError
 
 
 def backend_for(hw, device: torch.device) -> str:

@@ -7,7 +7,7 @@ import socket
 from functools import lru_cache
 from urllib.parse import urlparse
 
-from trainer.schema import UserError
+from trainer.base.errors import UserError
 
 HUB_HOST = "huggingface.co"
 _FALSE = ("0", "", "false", "no", "off")
