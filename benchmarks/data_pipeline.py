@@ -58,10 +58,10 @@ from data.shards import read_index
 from data.sources import load_documents
 from data.tokenize_shards import domain_dir, resolve_workers, tokenize_data
 from data.tokenizer import load_gpt2
-from models import build_model
+from models.registry import build_model
+from trainer.config.validate import register_schemas, validate
 from trainer.optim import build_optimizer
 from trainer.rng import seed_everything
-from trainer.schema import register_schemas, validate
 
 TARGETS = {"tokenize_vs_datasets_map": ">= 1.0", "loader_vs_model": ">= 50"}
 EMBEDDED = ("code", "prose")

@@ -31,12 +31,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data.pipeline import build_data
-from models import build_model
+from models.registry import build_model
+from trainer.config.validate import register_schemas, validate
 from trainer.engines.base import autocast_context
 from trainer.fit import train
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import seed_everything
-from trainer.schema import register_schemas, validate
 
 
 def config(steps: int, run_dir: Path, extra: list[str]):

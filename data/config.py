@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import Optional
 
 from trainer.base.checks import Rule, check_choices, check_rules
 from trainer.base.errors import UserError
@@ -17,8 +18,8 @@ from trainer.base.errors import UserError
 @dataclass
 class DomainConfig:
     # data.source=hub: a Hugging Face dataset, streamed
-    dataset: str | None = None
-    config: str | None = None
+    dataset: Optional[str] = None
+    config: Optional[str] = None
     split: str = "train"
     # Files within the hub, e.g. hf://datasets/<repo>/data/*.parquet with dataset=parquet: reads repos whose
     # loading script datasets >= 4 no longer runs
@@ -27,7 +28,7 @@ class DomainConfig:
     # data.source=local: files, globs or directories (jsonl, json lines, txt, md, parquet; .gz for jsonl/txt)
     paths: list[str] = field(default_factory=list)
     text_fields: list[str] = field(default_factory=lambda: ["text"])  # hub columns / jsonl keys / parquet columns
-    max_tokens: int | None = None  # task=tokenize: training-token budget for this domain; null = whole source
+    max_tokens: Optional[int] = None  # task=tokenize: training-token budget for this domain; null = whole source
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DataConfig:
     # shuffled union of all blocks, or, for shards, weights proportional to each domain's blocks.
     mix: list[MixPoint] = field(default_factory=list)
     # Token shards (format=shards and task=tokenize)
-    shards_dir: str | None = None  # null = <cache_dir>/shards/<name>; one subdirectory per domain
+    shards_dir: Optional[str] = None  # null = <cache_dir>/shards/<name>; one subdirectory per domain
     shard_tokens: int = 100_000_000  # tokens per shard (whole documents: a shard ends after the one that fills it)
     eval_tokens: int = 1_000_000  # per domain, the first documents held out in eval-00000 (never trained on)
     tokenize_workers: int = 0  # processes for task=tokenize; 0 = one per available core

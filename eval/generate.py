@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import load_saved_tokenizer
-from models import build_model
+from models.registry import FAMILIES, build_model, config_schema
 from trainer.base.errors import UserError
 from trainer.checkpoint import load_model_snapshot
-from trainer.schema import MODEL_SCHEMAS
 
 
 def load_snapshot_model(snapshot: str | Path):
@@ -24,9 +23,9 @@ def load_snapshot_model(snapshot: str | Path):
     state, meta = load_model_snapshot(snapshot)
     model_cfg_raw = dict(meta["config"]["model"])
     family = model_cfg_raw["family"]
-    if family not in MODEL_SCHEMAS:
+    if family not in FAMILIES:
         raise UserError(f"{snapshot} was written by model family {family!r}, which this version does not know")
-    model_cfg = MODEL_SCHEMAS[family](**model_cfg_raw)
+    model_cfg = config_schema(family)(**model_cfg_raw)
     if hasattr(model_cfg, "pretrained"):
         model_cfg.pretrained = None  # the snapshot holds every weight; no hub access needed
     architecture = meta["architecture"]

@@ -24,9 +24,9 @@ def count(overrides: list[str], vocab_size: int | None = None) -> tuple[int, obj
     import torch
     from hydra import compose, initialize_config_dir
 
-    from models import build_model
+    from models.registry import build_model
     from trainer.base.errors import UserError
-    from trainer.schema import register_schemas, validate
+    from trainer.config.validate import register_schemas, validate
 
     register_schemas()
     paths = [o for o in overrides if "=" not in o and Path(o).exists()]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from trainer.errors import explain
+    from trainer.config.explain import explain
 
     try:
         total, cfg = count(args.overrides, args.vocab_size)

@@ -31,7 +31,7 @@ def compose_validated(overrides: list[str]):
     """The typed Config trainer/run.py would train with, composed in-process from conf/."""
     from hydra import compose, initialize_config_dir
 
-    from trainer.schema import register_schemas, validate
+    from trainer.config.validate import register_schemas, validate
 
     register_schemas()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -13,8 +13,8 @@ import yaml
 
 from tests.conftest import ROOT, compose_validated, run_cli
 from trainer.base.errors import UserError
-from trainer.errors import explain
-from trainer.schema import validate
+from trainer.config.explain import explain
+from trainer.config.validate import validate
 
 CONF = ROOT / "conf"
 
@@ -215,3 +215,19 @@ def test_param_count_answers_config_mistakes_like_the_trainer(tmp_path, args, ne
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "nested/run", "..", "/tmp/elsewhere"])
+def test_run_name_must_be_a_plain_directory_name(tmp_path, name):
+    """run.name picks a directory inside run.output_dir; a path is refused in one line before Hydra creates
+    anything, so nothing is written outside run.output_dir (nor inside it)."""
+    output_dir = tmp_path / "a" / "b"
+    result = run_cli([f"run.output_dir={output_dir}", f"run.name={name}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: run.name={name!r} is not a plain directory name; the run goes to "
+                     "run.output_dir/run.name, so give a name without '/' (such as run.name=my-run), and put the "
+                     "directory in run.output_dir"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == []
+    with pytest.raises(UserError, match="not a plain directory name"):
+        compose_validated([f"run.name={name}"])

@@ -170,7 +170,7 @@ TEARDOWN_PROBE = """
 import json, torch, torch.distributed as dist
 from deepspeed.utils import groups
 from trainer.engines.deepspeed import DeepSpeedEngine
-from trainer.schema import HardwareConfig, TrainConfig
+from trainer.config.schema import HardwareConfig, TrainConfig
 engine = DeepSpeedEngine(HardwareConfig(device="cpu", engine="deepspeed"))
 model = torch.nn.Linear(4, 4)
 optimizer = torch.optim.AdamW(model.parameters())
@@ -243,8 +243,8 @@ def test_ddp_stops_every_process_at_the_same_update_when_one_is_signalled(tmp_pa
 
 def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
     from trainer.base.errors import UserError
+    from trainer.config.schema import HardwareConfig
     from trainer.engines.distributed import backend_for
-    from trainer.schema import HardwareConfig
 
     cpu = torch.device("cpu")
     assert backend_for(HardwareConfig(dist_backend="auto"), cpu) == "gloo"
@@ -256,8 +256,8 @@ def test_nccl_on_a_cpu_run_is_refused_in_one_line_before_any_process_group():
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
 def test_a_device_this_machine_lacks_is_refused_with_what_to_use():
     from trainer.base.errors import UserError
+    from trainer.config.schema import HardwareConfig
     from trainer.engines.base import resolve_device
-    from trainer.schema import HardwareConfig
 
     assert resolve_device(HardwareConfig(name="cpu", device="auto")) == torch.device("cpu")
     for hardware, device, way_out in (("cuda", "cuda", "use hardware=cpu, or hardware.device=auto"),

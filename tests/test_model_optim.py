@@ -8,13 +8,16 @@ import time
 import pytest
 import torch
 
-from models import ModelOutput, build_model
+from models.gpt2.config import GPT2Config
+from models.output import ModelOutput
+from models.registry import build_model
 from tests.conftest import clean_env, tiny_run
 from trainer.base.errors import UserError
 from trainer.base.hub import hub_reachable
+from trainer.base.metrics import EvalMetrics, StepMetrics
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
+from trainer.config.schema import OptimConfig
 from trainer.optim import WarmupCosine, build_optimizer, parameter_groups, warmup_cosine
-from trainer.schema import GPT2Config, OptimConfig
 
 
 def tiny_gpt2(**overrides) -> torch.nn.Module:
@@ -108,9 +111,10 @@ def test_resume_with_more_steps_follows_the_new_schedule_and_says_so(caplog):
 
 def test_non_finite_guard_stops_on_nan_train_or_eval_loss():
     callbacks = CallbackList([NonFiniteLossGuard()])
-    assert callbacks.on_step_end(3, {"train/loss": 2.0}) is None
-    assert "step 4" in callbacks.on_step_end(4, {"train/loss": float("nan")})
-    assert "eval/code/loss" in callbacks.on_eval(5, {"eval/code/loss": float("inf"), "eval/ppl": 1.0})
+    assert callbacks.on_step_end(3, StepMetrics({"train/loss": 2.0})) is None
+    assert "step 4" in callbacks.on_step_end(4, StepMetrics({"train/loss": float("nan")}))
+    assert "eval/code/loss" in callbacks.on_eval(5, EvalMetrics.from_flat({"eval/code/loss": float("inf"),
+                                                                            "eval/ppl": 1.0}))
     with pytest.raises(ValueError):
         CallbackList([NonFiniteLossGuard(), NonFiniteLossGuard()])
 

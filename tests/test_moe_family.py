@@ -9,13 +9,17 @@ import torch
 
 from eval.generate import load_snapshot_model
 from eval.generate import main as generate_cli
-from models import build_model
-from models.moe_monitors import CollapseDetector, RouterNoiseSchedule, router_noise
+from models.gpt2.config import GPT2Config
+from models.moe import stats as moe_stats
+from models.moe.callbacks import CollapseDetector, RouterNoiseSchedule, router_noise
+from models.moe.config import MoEGPT2Config
+from models.moe.stats import fraction
+from models.registry import build_model
 from tests.conftest import assert_ok, tiny_run
 from tests.test_train_e2e import assert_same_weights, metrics, train_losses
 from trainer.base.errors import UserError
+from trainer.base.metrics import StepMetrics
 from trainer.optim import parameter_groups
-from trainer.schema import GPT2Config, MoEGPT2Config
 
 # A 2-block model with experts in its last block: the seed's layout in miniature.
 TINY_MOE = ["model=moe", "model.moe_layers=[1]", "model.num_experts=4"]
@@ -82,16 +86,16 @@ def test_router_noise_anneals_linearly_and_is_reapplied_on_resume():
 
 
 def test_collapse_detector_needs_consecutive_checks_over_threshold():
-    detector = CollapseDetector(check_every=100, threshold=0.6, patience=3)
-    collapsed = {"router/layer9/fraction/0": 0.1, "router/layer9/fraction/3": 0.9, "train/loss": 3.0}
-    balanced = {"router/layer9/fraction/0": 0.5, "router/layer9/fraction/3": 0.5}
+    detector = CollapseDetector([9], check_every=100, threshold=0.6, patience=3)
+    collapsed = StepMetrics({"train/loss": 3.0}, routing={fraction(9): [0.1, 0.0, 0.0, 0.9]})
+    balanced = StepMetrics({"train/loss": 3.0}, routing={fraction(9): [0.5, 0.0, 0.0, 0.5]})
     assert detector.on_step_end(150, collapsed) is None, "only every check_every steps"
     assert detector.on_step_end(100, collapsed) is None and detector.on_step_end(200, collapsed) is None
     assert detector.on_step_end(300, balanced) is None, "a balanced check resets the count"
     for step in (400, 500):
         assert detector.on_step_end(step, collapsed) is None
     saved = detector.state_dict()
-    resumed = CollapseDetector(100, 0.6, 3)
+    resumed = CollapseDetector([9], 100, 0.6, 3)
     resumed.load_state_dict(saved)
     reason = resumed.on_step_end(600, collapsed)
     assert reason and "expert 3 of layer 9" in reason and "90%" in reason
@@ -100,9 +104,9 @@ def test_collapse_detector_needs_consecutive_checks_over_threshold():
 def test_collapse_detector_judges_top2_by_share_of_tokens():
     """Top-2 assignment fractions never exceed 0.5; two experts taking every token is 0.5 each, which is
     every token's share, 100%, and must count as collapsed at the seed's 0.6."""
-    detector = CollapseDetector(check_every=1, threshold=0.6, patience=1, topk=2)
-    collapsed = {"router/layer9/fraction/0": 0.5, "router/layer9/fraction/1": 0.5}
-    balanced = {f"router/layer9/fraction/{e}": 0.125 for e in range(8)}
+    detector = CollapseDetector([9], check_every=1, threshold=0.6, patience=1, topk=2)
+    collapsed = StepMetrics({}, routing={fraction(9): [0.5, 0.5, 0, 0, 0, 0, 0, 0]})
+    balanced = StepMetrics({}, routing={fraction(9): [0.125] * 8})
     assert detector.on_step_end(1, balanced) is None
     reason = detector.on_step_end(2, collapsed)
     assert reason and "took 100% of tokens" in reason
@@ -188,3 +192,49 @@ def test_the_ablation_matrix_sweep_gives_comparable_run_directories(tmp_path, da
     base = {k: sidecars[0]["architecture"][k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
     assert all({k: s["architecture"][k] for k in base} == base for s in sidecars), "one base for the matrix"
     assert all(s["architecture"]["moe_layers"] == [8, 9, 10, 11] for s in sidecars[1:])
+
+
+def _collapsed_moe():
+    """A 2-block model whose MoE block sees the same input at every token (its LayerNorm's output is its bias),
+    so routing sends every token to one expert: collapse, whatever the weights."""
+    _, moe = pair(1, perturbation=0.0)
+    with torch.no_grad():
+        for i in moe.moe_layers:
+            moe.hf.transformer.h[i].ln_2.weight.zero_()
+            moe.hf.transformer.h[i].ln_2.bias.normal_()
+    return moe
+
+
+def _step_metrics(moe) -> StepMetrics:
+    """What the loop hands callbacks after an update of this model (one micro-batch, one process)."""
+    out = moe(torch.randint(0, 300, (2, 16)))
+    return StepMetrics({"train/loss": float(out.loss)},
+                       routing={k: v.tolist() if v.numel() > 1 else float(v) for k, v in out.routing.items()})
+
+
+def test_collapse_stop_follows_a_renamed_statistic(monkeypatch):
+    """Metric names are defined once (models/moe/stats.py): renaming the statistic renames what the model emits
+    and what the collapse stop reads together, so the stop still fires."""
+    monkeypatch.setattr(moe_stats, "fraction", lambda layer: f"moe_block{layer}/expert_share")
+    moe = _collapsed_moe()
+    metrics = _step_metrics(moe)
+    assert "moe_block1/expert_share" in metrics.routing and "layer1/fraction" not in metrics.routing
+    reason = CollapseDetector(moe.moe_layers, check_every=1, threshold=0.6, patience=1).on_step_end(1, metrics)
+    assert reason and "took 100% of tokens" in reason
+
+
+def test_collapse_stop_fails_loudly_when_the_model_stops_reporting_it(monkeypatch):
+    """An emitter changed on its own (the model reports its fractions under another name) must not leave a
+    collapse stop that quietly never fires: the first check raises, naming the statistic it needs."""
+    moe = _collapsed_moe()
+    forward = type(moe).forward
+
+    def renamed(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.routing = {k.replace("/fraction", "/usage"): v for k, v in out.routing.items()}
+        return out
+
+    monkeypatch.setattr(type(moe), "forward", renamed)
+    detector = CollapseDetector(moe.moe_layers, check_every=1, threshold=0.6, patience=1)
+    with pytest.raises(RuntimeError, match="reported no routing statistic 'layer1/fraction'.*layer1/usage"):
+        detector.on_step_end(1, _step_metrics(moe))

@@ -10,14 +10,10 @@ from transformers import GPT2Config
 from transformers.activations import ACT2FN
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from models.moe import (
-    MoEFeedForward,
-    NoisyTopKRouter,
-    grouped_expert_ffn,
-    load_balancing_loss,
-    per_expert_loop_ffn,
-    z_loss,
-)
+from models.moe.dispatch import grouped_expert_ffn, per_expert_loop_ffn
+from models.moe.layer import MoEFeedForward
+from models.moe.losses import load_balancing_loss, z_loss
+from models.moe.router import NoisyTopKRouter
 
 D, F, E, N = 16, 32, 6, 64
 GELU = ACT2FN["gelu_new"]

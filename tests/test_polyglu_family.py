@@ -10,12 +10,13 @@ import torch
 
 from eval.generate import load_snapshot_model
 from eval.param_count import count
-from models import build_model
-from models.polyglu_monitors import RoutingEntropyWarning, TauSchedule, tau_at
+from models.polyglu.callbacks import RoutingEntropyWarning, TauSchedule, tau_at
+from models.polyglu.config import PolyGLUConfig
+from models.registry import build_model
 from tests.conftest import assert_ok, tiny_run
 from tests.test_train_e2e import assert_same_weights, metrics, train_losses
+from trainer.base.metrics import EvalMetrics
 from trainer.optim import parameter_groups
-from trainer.schema import PolyGLUConfig
 
 TINY = dict(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=64)
 TINY_CLI = ["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
@@ -66,14 +67,17 @@ def test_forward_reports_tau_and_routing_entropies_and_optional_regulariser():
 def test_entropy_warning_fires_below_the_threshold(caplog):
     warn = RoutingEntropyWarning(0.3)
     with caplog.at_level(logging.WARNING):
-        warn.on_eval(10, {"eval/code/router/dynamic_entropy/mean": 0.5, "eval/math/router/dynamic_entropy/mean": 0.4})
+        warn.on_eval(10, EvalMetrics.from_flat({"eval/code/router/dynamic_entropy/mean": 0.5,
+                                                "eval/math/router/dynamic_entropy/mean": 0.4}))
         assert not caplog.records
-        warn.on_eval(20, {"eval/code/router/dynamic_entropy/mean": 0.2, "eval/math/router/dynamic_entropy/mean": 0.3})
+        warn.on_eval(20, EvalMetrics.from_flat({"eval/code/router/dynamic_entropy/mean": 0.2,
+                                                "eval/math/router/dynamic_entropy/mean": 0.3}))
     assert "activation collapse" in caplog.text and "step 20" in caplog.text
     assert "consider model.entropy_reg > 0" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # already regularised: the advice is to regularise more
-        RoutingEntropyWarning(0.3, entropy_reg=0.01).on_eval(30, {"eval/code/router/dynamic_entropy/mean": 0.1})
+        RoutingEntropyWarning(0.3, entropy_reg=0.01).on_eval(
+            30, EvalMetrics.from_flat({"eval/code/router/dynamic_entropy/mean": 0.1}))
     assert "consider a larger model.entropy_reg than 0.01" in caplog.text
 
 

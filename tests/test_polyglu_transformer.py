@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models.polyglu.attention as attention_module
-import models.polyglu.transformer as transformer_module
-from models.polyglu.attention import cu_seqlens_from_document_ids, document_causal_mask
+import models.layers.attention as attention_module
+from models.layers.attention import cu_seqlens_from_document_ids, document_causal_mask
+from models.layers.loss import _chunk_ce_sum, chunked_cross_entropy
+from models.layers.norm import RMSNorm
 from models.polyglu.ffn import SwiGLU
-from models.polyglu.layers import RMSNorm, _chunk_ce_sum, chunked_cross_entropy
 from models.polyglu.transformer import (
     PolychromaticTransformer,
     TransformerShape,
@@ -232,7 +232,7 @@ def test_flash_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
         calls.append(kwargs)
         return reference_flash_attn_varlen_func(*args, **kwargs)
 
-    monkeypatch.setattr(transformer_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "uses_flash_attention", lambda x: True)
     monkeypatch.setattr(attention_module, "flash_attn_varlen_func", spy)
     _, flash_logits = model(ids, document_ids=doc)
     assert len(calls) == L  # every layer took the varlen kernel, with the flattened batch's boundaries
@@ -256,7 +256,7 @@ def test_flash_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
 
 
 def test_flash_path_refuses_fp32_instead_of_dropping_document_masking(monkeypatch):
-    monkeypatch.setattr(transformer_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "uses_flash_attention", lambda x: True)
     monkeypatch.setattr(attention_module, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
     with pytest.raises(RuntimeError, match="needs fp16/bf16"):
         tiny_model()(batch(), document_ids=torch.zeros(2, T, dtype=torch.long))
@@ -264,7 +264,7 @@ def test_flash_path_refuses_fp32_instead_of_dropping_document_masking(monkeypatc
 
 def test_flash_attention_is_only_chosen_on_cuda_in_half_precision():
     x = torch.zeros(1, 2, D, dtype=torch.bfloat16)
-    assert not transformer_module.uses_flash_attention(x)  # CPU: the masked SDPA path, flash-attn or not
+    assert not attention_module.uses_flash_attention(x)  # CPU: the masked SDPA path, flash-attn or not
 
 
 def test_gqa_projection_sizes():

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from trainer.schema import TrackingConfig
+from trainer.config.schema import TrackingConfig
 from trainer.tracking import Tracker
 
 

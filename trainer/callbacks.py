@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from trainer.base.callbacks import Callback
+from trainer.base.metrics import EvalMetrics, StepMetrics
 
 
 class NonFiniteLossGuard(Callback):
@@ -13,14 +14,13 @@ class NonFiniteLossGuard(Callback):
 
     name = "non_finite_guard"
 
-    def on_step_end(self, step, metrics):
-        loss = metrics.get("train/loss")
-        if loss is not None and not math.isfinite(loss):
-            return f"non-finite train loss ({loss}) at step {step}"
+    def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
+        if not math.isfinite(metrics.loss):
+            return f"non-finite train loss ({metrics.loss}) at step {step}"
         return None
 
-    def on_eval(self, step, metrics):
-        bad = [k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(v)]
+    def on_eval(self, step: int, metrics: EvalMetrics) -> str | None:
+        bad = [k for k, v in metrics.losses().items() if not math.isfinite(v)]
         return f"non-finite {bad[0]} at step {step}" if bad else None
 
 
@@ -35,15 +35,15 @@ class CallbackList:
         for c in self.callbacks:
             c.on_train_start(step)
 
-    def on_train_end(self, run_dir, last_eval: dict[str, float]) -> None:
+    def on_train_end(self, run_dir, last_eval: EvalMetrics) -> None:
         for c in self.callbacks:
             c.on_train_end(run_dir, last_eval)
 
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
+    def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
         reasons = [r for c in self.callbacks if (r := c.on_step_end(step, metrics))]
         return reasons[0] if reasons else None
 
-    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+    def on_eval(self, step: int, metrics: EvalMetrics) -> str | None:
         reasons = [r for c in self.callbacks if (r := c.on_eval(step, metrics))]
         return reasons[0] if reasons else None
 

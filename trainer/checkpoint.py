@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from models.registry import config_schemas
 from trainer.base.atomic_files import atomic_path, atomic_write_bytes, fsync_directory, remove_temporaries
 from trainer.base.errors import UserError
 from trainer.base.json_files import to_json_bytes
-from trainer.schema import MODEL_SCHEMAS, as_override
+from trainer.config.explain import as_override
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _override_for(name: str, value: Any) -> str:
         return f"model={value}"
     if field == "vocab_size":
         return f"the tokenizer it was trained with (vocab size {value}; data.tokenizer)"
-    if any(field in {f.name for f in fields(schema)} for schema in MODEL_SCHEMAS.values()):
+    if any(field in {f.name for f in fields(schema)} for schema in config_schemas().values()):
         return f"model.{field}={as_override(value)}"
     return f"the checkpoint's {field}={_show(value)}"
 

@@ -11,15 +11,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data.pipeline import build_data
-from models import build_model, check_pretrained_source
+from models.registry import build_model
 from trainer import checkpoint as ckpt
 from trainer.base.errors import UserError
+from trainer.base.metrics import EVAL_LOSS
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
+from trainer.config.schema import Config
+from trainer.config.validate import record_config, resolved_yaml
 from trainer.engines import build_engine
 from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import restore_rng_state, seed_everything
-from trainer.schema import Config, record_config, resolved_yaml
 from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 
@@ -145,7 +147,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
         record_config(cfg, run_dir)
     config_dict = asdict(cfg)
 
-    check_pretrained_source(cfg.model)  # offline, a hub model fails before the data is prepared, not after
+    cfg.model.check_sources()  # offline, a hub model fails before the data is prepared, not after
     seed_everything(cfg.run.seed)
     # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
     if not engine.is_main:
@@ -240,7 +242,7 @@ def describe_outputs(summary: dict) -> str:
     lines = [f"run {summary['run_name']}: {summary['status']} at step {summary['final_step']}"
              + (f" ({summary['stop_reason']})" if summary["stop_reason"] else "")]
     if summary["final_eval"]:
-        lines.append(f"  eval loss {_number(summary['final_eval'].get('eval/loss'))}"
+        lines.append(f"  eval loss {_number(summary['final_eval'].get(EVAL_LOSS))}"
                      f" (best {_number(summary['best_eval_loss'])})")
     lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / 'metrics.jsonl'}",
               f"  summary:       {run_dir / 'summary.json'}"]

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.schema import record_config, validate
+from trainer.config.validate import record_config, validate
 
 
 def run_job(cfg: DictConfig) -> dict:

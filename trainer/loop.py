@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.perplexity import evaluate
 from trainer import checkpoint as ckpt
+from trainer.base import metrics as keys
+from trainer.base.metrics import EvalMetrics, StepMetrics
 from trainer.callbacks import CallbackList
+from trainer.evaluation import evaluate
 from trainer.rng import capture_rng_state
 from trainer.stop_signals import StopSignals
 
@@ -53,43 +55,44 @@ class TrainingLoop:
         self.last_saved_step = self.state.step
 
     # -- one optimizer update ------------------------------------------------------------------------
-    def train_step(self) -> tuple[dict[str, float], bool]:
+    def train_step(self) -> tuple[StepMetrics, bool]:
         """One update; returns its metrics and whether any process has been asked to stop (see StopSignals)."""
         engine, accum = self.engine, self.cfg.train.grad_accum_steps
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # flat keys of the scalars logged every step
+        routing: dict[str, torch.Tensor] = {}  # the model's routing statistics, by its own names
         for micro in range(accum):
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in self.stream.next_batch().items()}
             with engine.micro_step(is_last=micro == accum - 1):
                 out = engine.forward(batch)
                 engine.backward(out.loss / accum)
-            parts = {"train/loss": out.loss, "train/lm_loss": out.lm_loss,
-                     **{f"train/aux/{k}": v for k, v in out.aux_losses.items()},
-                     **{f"train/{k}": v for k, v in out.metrics.items()},
-                     **{f"router/{k}": v for k, v in out.routing.items()}}
-            for key, value in parts.items():
-                value = value.detach().float()
-                sums[key] = sums[key] + value if key in sums else value
+            parts = {keys.TRAIN_LOSS: out.loss, keys.TRAIN_LM_LOSS: out.lm_loss,
+                     **{keys.aux_loss(k): v for k, v in out.aux_losses.items()},
+                     **{keys.train_metric(k): v for k, v in out.metrics.items()}}
+            for into, values in ((sums, parts), (routing, out.routing)):
+                for key, value in values.items():
+                    value = value.detach().float()
+                    into[key] = into[key] + value if key in into else value
         grad_norm = engine.optimizer_step()
         # One reduction for everything logged, scalars and per-expert vectors alike: values are means over
         # micro-batches and processes. Every process thus sees the same metrics, so callbacks that stop the
         # run on them (collapse, non-finite loss) decide the same on every rank; a rank that stopped alone
         # would leave the others waiting in a collective forever. The reduction also carries this process's
         # stop flag, so every process learns of a signal any one of them got, at the same update.
-        keys = list(sums)
-        flat = [sums[k].reshape(-1) for k in keys]
+        named = [*sums.items(), *routing.items()]
+        flat = [value.reshape(-1) for _, value in named]
         stacked = torch.cat(flat) / (accum * engine.world_size)
         asked_to_stop = self.stop_signals is not None and self.stop_signals.received is not None
         stacked = engine.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([float(asked_to_stop)])])).cpu()
         stacked, stop_votes = stacked[:-1], float(stacked[-1])
-        metrics: dict[str, float] = {}
-        for key, values in zip(keys, stacked.split([f.numel() for f in flat]), strict=True):
-            if sums[key].numel() == 1:
-                metrics[key] = float(values)
-            else:  # per-expert fractions and the like, logged element-wise
-                metrics.update({f"{key}/{i}": v for i, v in enumerate(values.tolist())})
-        metrics["train/grad_norm"] = grad_norm
-        metrics.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
-        return metrics, stop_votes > 0
+        means = [values.tolist() if values.numel() > 1 else float(values) for values in
+                 stacked.split([f.numel() for f in flat])]
+        logged = dict(zip(sums, means[:len(sums)], strict=True))
+        step_routing = dict(zip(routing, means[len(sums):], strict=True))
+        for stat, value in step_routing.items():  # per-expert fractions and the like, logged element-wise
+            logged.update(keys.flatten(keys.router(stat), value))
+        logged[keys.GRAD_NORM] = grad_norm
+        logged.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
+        return StepMetrics(logged=logged, routing=step_routing), stop_votes > 0
 
     # -- the whole run -------------------------------------------------------------------------------
     def run(self) -> LoopState:
@@ -107,7 +110,7 @@ class TrainingLoop:
         if cfg.checkpoint.save_final:
             self._save_snapshot("final-model")
         if engine.is_main:
-            self.callbacks.on_train_end(self.run_dir, state.last_eval)
+            self.callbacks.on_train_end(self.run_dir, EvalMetrics.from_flat(state.last_eval))
         return state
 
     def _train_until_stop(self, bar) -> None:
@@ -121,16 +124,16 @@ class TrainingLoop:
             state.tokens_seen += self.tokens_per_step
             window_tokens += self.tokens_per_step
             elapsed = time.perf_counter() - window_start
-            metrics.update({"train/lr": lr, "train/tokens": float(state.tokens_seen),
-                            "train/tokens_per_sec": window_tokens / max(elapsed, 1e-9)})
+            tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+            metrics.logged.update({keys.LEARNING_RATE: lr, keys.TOKENS: float(state.tokens_seen),
+                                   keys.TOKENS_PER_SEC: tokens_per_sec})
             router_due = state.step % cfg.train.log_router_every == 0
-            logged = {k: v for k, v in metrics.items() if router_due or not k.startswith("router/")}
             if state.step % cfg.train.log_every == 0 or router_due:
-                self.tracker.log(logged, step=state.step)
+                self.tracker.log({k: v for k, v in metrics.logged.items() if router_due or not keys.is_router(k)},
+                                 step=state.step)
             state.stop_reason = self.callbacks.on_step_end(state.step, metrics)
             # Postfix first: update() redraws, so the bar shows this step's loss, not the previous one's.
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{metrics.loss:.4f}", tok_s=f"{tokens_per_sec:.0f}", refresh=False)
             bar.update(1)
             if state.step % 20 == 0:  # tokens/s over a recent window, not since the start
                 window_tokens, window_start = 0, time.perf_counter()
@@ -151,14 +154,15 @@ class TrainingLoop:
 
     def _eval(self) -> None:
         metrics = evaluate(self.engine, self.eval_sets, self.cfg.train.batch_size)
-        self.state.last_eval = metrics
-        self.tracker.log(metrics, step=self.state.step)
+        flat = metrics.flat()
+        self.state.last_eval = flat
+        self.tracker.log(flat, step=self.state.step)
         if self.engine.is_main:
             log.info("step %d eval %s", self.state.step,
-                     " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.endswith("loss")))
+                     " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in flat.items() if k.endswith("loss")))
         reason = self.callbacks.on_eval(self.state.step, metrics)
         self.state.stop_reason = self.state.stop_reason or reason
-        loss = metrics.get("eval/loss", math.inf)
+        loss = math.inf if metrics.loss is None else metrics.loss
         if loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
             self._save_snapshot("best-model")

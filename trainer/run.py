@@ -20,8 +20,8 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import hydra
 
-from trainer.errors import explain
-from trainer.schema import register_schemas
+from trainer.config.explain import explain
+from trainer.config.validate import register_schemas
 
 register_schemas()
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from trainer.base.atomic_files import atomic_write_bytes
 from trainer.base.json_files import to_json_bytes
-from trainer.schema import TrackingConfig
+from trainer.config.schema import TrackingConfig
 
 log = logging.getLogger("trainer.tracking")
 

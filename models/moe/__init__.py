@@ -1,11 +1,7 @@
-"""Mixture-of-Experts feed-forward layer for GPT-2 blocks: router, dispatch, aux losses, the layer."""
+"""model=moe, the MoE-emergence family: GPT-2 with routed Mixture-of-Experts FFNs in its last blocks.
 
-from models.moe.dispatch import grouped_expert_ffn, per_expert_loop_ffn
-from models.moe.layer import MoEFeedForward
-from models.moe.losses import expert_fraction, load_balancing_loss, z_loss
-from models.moe.router import NoisyTopKRouter, RouterOutput
-
-__all__ = [
-    "MoEFeedForward", "NoisyTopKRouter", "RouterOutput", "expert_fraction", "grouped_expert_ffn",
-    "load_balancing_loss", "per_expert_loop_ffn", "z_loss",
-]
+config.py (keys and rules), model.py (the family's model), layer.py / router.py / dispatch.py / losses.py (the
+MoE layer and its parts), stats.py (the routing statistics it reports), callbacks.py (router-noise schedule,
+collapse stop, expert-usage figure at the end of a run), figures.py (that figure). Importing the package
+imports nothing, so config validation can read config.py without torch.
+"""

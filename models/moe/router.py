@@ -21,8 +21,6 @@ class RouterOutput:
 class NoisyTopKRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, topk: int, noise_std: float = 0.0):
         super().__init__()
-        if not 1 <= topk <= num_experts:
-            raise ValueError(f"topk={topk} must be between 1 and num_experts={num_experts}")
         self.num_experts = num_experts
         self.topk = topk
         # A plain float, not a buffer: an annealing schedule rewrites it between optimizer steps and it

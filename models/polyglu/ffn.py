@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.polyglu.config import ROUTING_POOLS
+
 ACTIVATIONS = ("relu", "tanh", "silu", "gelu")
 K = len(ACTIVATIONS)
-ROUTING_POOLS = ("mean", "causal")
 # ln(K): the entropy of uniform routing, where both static and dynamic entropy start.
 UNIFORM_ENTROPY = math.log(K)
 # Above this many elements last_routing keeps the position-averaged logits instead of all of them: the full

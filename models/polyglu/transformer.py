@@ -22,14 +22,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.polyglu.attention import (
-    FLASH_ATTN_AVAILABLE,
-    AttentionContext,
-    GroupedQueryAttention,
-    cu_seqlens_from_document_ids,
-    document_causal_mask,
-)
-from models.polyglu.layers import IGNORE_INDEX, RMSNorm, chunked_cross_entropy, rope_cos_sin
+from models.layers.attention import AttentionContext, attention_context
+from models.layers.loss import IGNORE_INDEX, chunked_cross_entropy
+from models.layers.norm import RMSNorm
+from models.polyglu.attention import GroupedQueryAttention
 
 INIT_STD = 0.02
 
@@ -125,26 +121,10 @@ class PolychromaticTransformer(nn.Module):
                     nn.init.normal_(w, mean=0.0, std=std)
 
     # ------------------------------------------------------------------ forward
-    def _attention_context(self, x: torch.Tensor, document_ids: torch.Tensor | None) -> AttentionContext:
-        t = x.shape[1]
-        if t > self.shape.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds max_seq_len {self.shape.max_seq_len}")
-        cos, sin = rope_cos_sin(t, self.shape.head_dim, self.shape.rope_theta, device=x.device)
-        ctx = AttentionContext(cos=cos, sin=sin)
-        if document_ids is None:
-            return ctx  # plain causal
-        if document_ids.shape != x.shape[:2]:
-            raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids {tuple(x.shape[:2])}")
-        if uses_flash_attention(x):
-            ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_document_ids(document_ids)
-        else:
-            ctx.attn_mask = document_causal_mask(document_ids)
-        return ctx
-
     def hidden_states(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, d_model] (what the head multiplies)."""
         x = self.embed_tokens(input_ids)
-        ctx = self._attention_context(x, document_ids)
+        ctx = attention_context(x, document_ids, self.shape.head_dim, self.shape.rope_theta, self.shape.max_seq_len)
         use_ckpt = self.shape.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             if use_ckpt:
@@ -181,19 +161,6 @@ def _weight_of(obj) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor) and obj.dim() == 2:
         return obj
     return None
-
-
-def uses_flash_attention(x: torch.Tensor) -> bool:
-    """Whether document-masked attention on these activations goes through flash-attn's varlen kernel:
-    flash-attn imports, x is on CUDA and the projections will run in fp16/bf16 (the kernel's only dtypes)."""
-    return FLASH_ATTN_AVAILABLE and x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the projections will produce: autocast's when it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def count_parameters_without_allocating(shape: TransformerShape,

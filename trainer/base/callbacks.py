@@ -11,6 +11,8 @@ import logging
 import math
 from collections.abc import Callable
 
+from trainer.base.metrics import EvalMetrics, StepMetrics
+
 log = logging.getLogger(__name__)
 
 
@@ -20,14 +22,15 @@ class Callback:
     def on_train_start(self, step: int) -> None:
         """Before the first update of this process (step > 0 when resuming): re-apply step-derived state."""
 
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> str | None:
-        """Called after optimizer step `step` with that step's logged metrics; return a reason to stop early."""
+    def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
+        """Called after optimizer step `step` with that step's metrics; return a reason to stop early."""
         return None
 
-    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+    def on_eval(self, step: int, metrics: EvalMetrics) -> str | None:
+        """Called after each eval; return a reason to stop early."""
         return None
 
-    def on_train_end(self, run_dir, last_eval: dict[str, float]) -> None:
+    def on_train_end(self, run_dir, last_eval: EvalMetrics) -> None:
         """Once, on the main process, after the last step: artifacts such as figures."""
 
     def state_dict(self) -> dict:

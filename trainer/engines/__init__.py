@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from trainer.base.errors import UserError
+from trainer.config.schema import HardwareConfig
 from trainer.engines.base import Engine
-from trainer.schema import HardwareConfig
 
 
 def build_engine(hw: HardwareConfig) -> Engine:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer.base.errors import UserError
-from trainer.schema import HardwareConfig
+from trainer.config.schema import HardwareConfig
 
 
 def resolve_device(hw: HardwareConfig, local_rank: int = 0) -> torch.device:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from models.output import ModelOutput, lm_output
+from models.polyglu import stats
+from models.polyglu.callbacks import RoutingEntropyWarning, TauSchedule
 from models.polyglu.ffn import PolyGLU
 from models.polyglu.transformer import PolychromaticTransformer, TransformerShape
-from models.polyglu_monitors import RoutingEntropyWarning, TauSchedule
 
 
 def transformer_shape(cfg, vocab_size: int) -> TransformerShape:
@@ -47,13 +48,13 @@ class PolyGLULM(nn.Module):
         loss, _ = self.net(input_ids, document_ids=document_ids, labels=input_ids)
         ffns = self.ffns()
         dynamic = [f.last_routing["entropy"] for f in ffns]
-        routing = {f"dynamic_entropy/layer{i}": e for i, e in enumerate(dynamic)}
-        routing["dynamic_entropy/mean"] = torch.stack(dynamic).mean()
+        routing = {stats.dynamic_entropy(i): e for i, e in enumerate(dynamic)}
+        routing[stats.DYNAMIC_ENTROPY_MEAN] = torch.stack(dynamic).mean()
         with torch.no_grad():
             static = [f.static_entropy() for f in ffns]
-        routing.update({f"static_entropy/layer{i}": e for i, e in enumerate(static)})
-        routing["static_entropy/mean"] = torch.stack(static).mean()
-        metrics = {"tau": torch.tensor(ffns[0].tau), "routing_entropy": routing["dynamic_entropy/mean"]}
+        routing.update({stats.static_entropy(i): e for i, e in enumerate(static)})
+        routing[stats.STATIC_ENTROPY_MEAN] = torch.stack(static).mean()
+        metrics = {stats.TAU: torch.tensor(ffns[0].tau), stats.ROUTING_ENTROPY: routing[stats.DYNAMIC_ENTROPY_MEAN]}
         aux = {}
         if self.cfg.entropy_reg > 0:
             differentiable = torch.stack([f.last_entropy for f in ffns]).mean()

@@ -1,21 +1,22 @@
-"""Eval loss and perplexity per domain, token-weighted, sharded across processes and summed."""
+"""Eval during training: loss and perplexity per domain, token-weighted, sharded across processes and summed,
+with the model's routing statistics per domain. eval/ holds the tools that score a finished run."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
+from trainer.base.metrics import DomainEval, EvalMetrics, perplexity
+
 
 @torch.no_grad()
-def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
-    """Returns eval/<domain>/loss and /ppl, the aggregate eval/loss and eval/ppl, and, for routed models,
-    eval/<domain>/router/<statistic> (e.g. per-expert usage per domain), token-weighted."""
+def evaluate(engine, eval_sets: dict, batch_size: int) -> EvalMetrics:
+    """Per domain: loss, perplexity and, for routed models, each routing statistic (e.g. per-expert usage),
+    token-weighted; plus the aggregate over domains."""
     model = engine.model
     was_training = model.training
     model.eval()
-    metrics: dict[str, float] = {}
+    result = EvalMetrics()
     total_loss = total_tokens = 0.0
     for domain, blocks in eval_sets.items():
         mine = np.arange(engine.rank, len(blocks), engine.world_size)
@@ -39,21 +40,18 @@ def evaluate(engine, eval_sets: dict, batch_size: int) -> dict[str, float]:
         if tokens == 0:
             continue
         loss = loss_sum / tokens
-        metrics[f"eval/{domain}/loss"] = loss
-        metrics[f"eval/{domain}/ppl"] = math.exp(min(loss, 50.0))
+        stats: dict = {}
         offset = 2
         for key in keys if len(payload) > 2 else []:
             values = payload[offset:offset + routing[key].numel()] / tokens
             offset += routing[key].numel()
-            if values.numel() == 1:
-                metrics[f"eval/{domain}/router/{key}"] = float(values[0])
-            else:
-                for i, v in enumerate(values.tolist()):
-                    metrics[f"eval/{domain}/router/{key}/{i}"] = v
+            # One value: a number; more (one per expert, say): a list, logged element-wise.
+            stats[key] = float(values[0]) if values.numel() == 1 else values.tolist()
+        result.domains[domain] = DomainEval(loss=loss, ppl=perplexity(loss), routing=stats)
         total_loss += loss_sum
         total_tokens += tokens
     if total_tokens:
-        metrics["eval/loss"] = total_loss / total_tokens
-        metrics["eval/ppl"] = math.exp(min(metrics["eval/loss"], 50.0))
+        result.loss = total_loss / total_tokens
+        result.ppl = perplexity(result.loss)
     model.train(was_training)
-    return metrics
+    return result

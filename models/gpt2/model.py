@@ -7,7 +7,6 @@ from torch import nn
 from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2LMHeadModel
 
-from models import check_pretrained_source
 from models.output import ModelOutput, lm_output
 from trainer.base.errors import UserError
 
@@ -15,7 +14,7 @@ from trainer.base.errors import UserError
 def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     if model_cfg.pretrained:
         source = model_cfg.pretrained
-        check_pretrained_source(model_cfg)
+        model_cfg.check_sources()
         hf = GPT2LMHeadModel.from_pretrained(source)
         if hf.config.vocab_size != vocab_size:
             raise UserError(f"model.pretrained={source!r} has a {hf.config.vocab_size}-token vocabulary but the "

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from models.gpt2 import DenseGPT2, load_gpt2
-from models.moe import MoEFeedForward
-from models.moe_monitors import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
+from models.gpt2.model import DenseGPT2, load_gpt2
+from models.moe import stats
+from models.moe.callbacks import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
+from models.moe.layer import MoEFeedForward
 from models.output import ModelOutput, lm_output
-from trainer.schema import check_moe_layout
 
 
 class MoEGPT2(DenseGPT2):
@@ -22,7 +22,7 @@ class MoEGPT2(DenseGPT2):
 
     def __init__(self, hf, model_cfg):
         super().__init__(hf)
-        check_moe_layout(model_cfg, hf.config.n_layer)  # pretrained depth is only known now
+        model_cfg.check_layout(hf.config.n_layer)  # a pretrained model's depth is only known now
         self.moe_layers = list(model_cfg.moe_layers)
         self.num_experts, self.topk = model_cfg.num_experts, model_cfg.topk
         self.lb_coef, self.z_coef = model_cfg.lb_coef, model_cfg.z_coef
@@ -47,9 +47,9 @@ class MoEGPT2(DenseGPT2):
         z = torch.stack([a["z_loss"] for a in auxes]).mean()
         routing: dict[str, torch.Tensor] = {}
         for i, aux in zip(self.moe_layers, auxes, strict=True):
-            routing[f"layer{i}/fraction"] = aux["fraction"]
-            routing[f"layer{i}/entropy"] = aux["entropy"]
-        routing["entropy_mean"] = torch.stack([a["entropy"] for a in auxes]).mean()
+            routing[stats.fraction(i)] = aux["fraction"]
+            routing[stats.entropy(i)] = aux["entropy"]
+        routing[stats.ENTROPY_MEAN] = torch.stack([a["entropy"] for a in auxes]).mean()
         metrics = {"lb_loss": lb.detach(), "z_loss": z.detach(),
                    "router_noise_std": torch.tensor(self.moe_modules()[0].router.noise_std)}
         return lm_output(out.loss, aux_losses={"lb": self.lb_coef * lb, "z": self.z_coef * z},
@@ -68,8 +68,8 @@ class MoEGPT2(DenseGPT2):
         found = [RouterNoiseSchedule(self, m.noise_std, m.noise_anneal_fraction, cfg.train.max_steps),
                  ExpertUsageFigure(self.moe_layers, self.num_experts)]
         if m.collapse_stop:
-            found.append(CollapseDetector(m.collapse_check_every, m.collapse_threshold, m.collapse_patience,
-                                          topk=m.topk))
+            found.append(CollapseDetector(self.moe_layers, m.collapse_check_every, m.collapse_threshold,
+                                          m.collapse_patience, topk=m.topk))
         return found
 
 

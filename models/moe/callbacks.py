@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
+from models.moe import stats
+from trainer.base import metrics as metric_keys
 from trainer.base.callbacks import Callback, StepSchedule
+from trainer.base.metrics import EvalMetrics, StepMetrics
 
 log = logging.getLogger(__name__)
-
-FRACTION_KEY = re.compile(r"^router/layer(\d+)/fraction/(\d+)$")
 
 
 def router_noise(step: int, initial: float, anneal_fraction: float, max_steps: int) -> float:
@@ -34,29 +34,29 @@ class CollapseDetector(Callback):
     """The seed's contract: every `check_every` updates, collapse = any expert's share of the step's tokens
     above `threshold` in any MoE layer; `patience` consecutive collapsed checks stop the run.
 
-    The logged fraction is a share of the N*k assignments, so it can never exceed 1/k; times k it is the
+    The reported fraction is a share of the N*k assignments, so it can never exceed 1/k; times k it is the
     share of tokens that picked the expert among their top k, which reaches 1 at collapse for any k. For
     top-1 (the seed's no-lb) the two are the same number."""
 
     name = "collapse_detector"
 
-    def __init__(self, check_every: int = 100, threshold: float = 0.6, patience: int = 3, topk: int = 1):
+    def __init__(self, moe_layers: list[int], check_every: int = 100, threshold: float = 0.6, patience: int = 3,
+                 topk: int = 1):
+        self.moe_layers = list(moe_layers)
         self.check_every, self.threshold, self.patience, self.topk = check_every, threshold, patience, topk
         self.consecutive = 0
 
-    def on_step_end(self, step, metrics):
+    def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
         if step % self.check_every:
             return None
-        worst = max(((v * self.topk, k) for k, v in metrics.items() if FRACTION_KEY.match(k)), default=None)
-        if worst is None:
-            return None
-        value, key = worst
+        value, layer, expert = max((share * self.topk, layer, expert) for layer in self.moe_layers
+                                   for expert, share in enumerate(stats.expert_shares(metrics.routing, layer)))
         self.consecutive = self.consecutive + 1 if value > self.threshold else 0
         if self.consecutive:
+            key = f"{metric_keys.router(stats.fraction(layer))}/{expert}"
             log.warning("step %d: %s=%.3f > %.2f (%d/%d consecutive checks)", step, key, value, self.threshold,
                         self.consecutive, self.patience)
         if self.consecutive >= self.patience:
-            layer, expert = FRACTION_KEY.match(key).groups()
             return (f"routing collapse: expert {expert} of layer {layer} took {value:.0%} of tokens "
                     f"(> {self.threshold:.0%}) at {self.patience} consecutive checks, ending at step {step}")
         return None
@@ -76,8 +76,8 @@ class ExpertUsageFigure(Callback):
     def __init__(self, moe_layers: list[int], num_experts: int):
         self.moe_layers, self.num_experts = moe_layers, num_experts
 
-    def on_train_end(self, run_dir, last_eval):
-        from eval.expert_usage import plot_expert_usage
+    def on_train_end(self, run_dir, last_eval: EvalMetrics) -> None:
+        from models.moe.figures import plot_expert_usage
 
-        if last_eval:
-            plot_expert_usage(last_eval, Path(run_dir) / "figures" / "expert_usage.png")
+        if last_eval.domains:
+            plot_expert_usage(last_eval, self.moe_layers, Path(run_dir) / "figures" / "expert_usage.png")

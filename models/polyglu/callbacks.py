@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 
+from models.polyglu import stats
 from trainer.base.callbacks import Callback, StepSchedule
+from trainer.base.metrics import EvalMetrics
 
 log = logging.getLogger(__name__)
-
-DYNAMIC_MEAN = re.compile(r"^eval/([^/]+)/router/dynamic_entropy/mean$")
 
 
 def tau_at(step: int, start: float, end: float, max_steps: int, frozen: float | None = None) -> float:
@@ -38,8 +37,13 @@ class RoutingEntropyWarning(Callback):
         self.threshold = threshold
         self.entropy_reg = entropy_reg
 
-    def on_eval(self, step, metrics):
-        values = [v for k, v in metrics.items() if DYNAMIC_MEAN.match(k)]
+    def on_eval(self, step: int, metrics: EvalMetrics) -> None:
+        values = []
+        for domain, result in metrics.domains.items():
+            if stats.DYNAMIC_ENTROPY_MEAN not in result.routing:  # a bug, not a quiet "no collapse"
+                raise RuntimeError(f"PolyGLU reported no routing statistic {stats.DYNAMIC_ENTROPY_MEAN!r} at the eval "
+                                   f"of domain {domain!r}; the model's forward and models/polyglu/stats.py disagree")
+            values.append(result.routing[stats.DYNAMIC_ENTROPY_MEAN])
         if values and (mean := sum(values) / len(values)) < self.threshold:
             advice = (f"consider a larger model.entropy_reg than {self.entropy_reg:g}" if self.entropy_reg > 0
                       else "consider model.entropy_reg > 0")

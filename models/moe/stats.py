@@ -1,0 +1,28 @@
+"""The routing statistics the MoE family reports in ModelOutput.routing, by name: one definition shared by the
+model that emits them and the callbacks and figures that read them. The loop logs them as router/<name>
+(per-expert vectors element-wise), the evaluator per domain as eval/<domain>/router/<name>."""
+
+from __future__ import annotations
+
+ENTROPY_MEAN = "entropy_mean"  # router entropy (nats) of the clean probabilities, mean over MoE layers
+
+
+def fraction(layer: int) -> str:
+    """[num_experts]: the share of the layer's token->expert assignments each expert received."""
+    return f"layer{layer}/fraction"
+
+
+def entropy(layer: int) -> str:
+    """The layer's router entropy (nats), mean over tokens."""
+    return f"layer{layer}/entropy"
+
+
+def expert_shares(routing: dict, layer: int) -> list[float]:
+    """The layer's per-expert fractions from a step's or an eval's routing statistics. Missing is a bug, not a
+    quiet "no collapse": the stop would never fire."""
+    name = fraction(layer)
+    if name not in routing:
+        raise RuntimeError(f"MoE layer {layer} reported no routing statistic {name!r} (reported: "
+                           f"{', '.join(sorted(routing)) or 'none'}); the model's forward and models/moe/stats.py "
+                           "disagree")
+    return list(routing[name])

@@ -1,0 +1,59 @@
+"""The toy model: next-token logits from the token's embedding through two linear maps mixed by a gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.output import ModelOutput, lm_output
+from trainer.base.callbacks import Callback
+
+GATE_SHARE = "gate_share"  # routing statistic: [2], the mean gate weight of each map
+
+
+class GateReport(Callback):
+    """Writes the last eval's gate shares per domain at the end of a run: a family's artifact."""
+
+    name = "toy_gate_report"
+
+    def on_train_end(self, run_dir, last_eval) -> None:
+        report = {domain: result.routing[GATE_SHARE] for domain, result in last_eval.domains.items()}
+        (Path(run_dir) / "toy_gate_report.json").write_text(json.dumps(report))
+
+
+class ToyLM(nn.Module):
+    family = "toy"
+
+    def __init__(self, cfg, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.maps = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.gate = nn.Linear(cfg.d_model, 2)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        x = self.embed(input_ids)
+        gate = self.gate(x).softmax(dim=-1)  # [B, T, 2]
+        a, b = self.maps(x).chunk(2, dim=-1)
+        h = torch.tanh(gate[..., :1] * a + gate[..., 1:] * b)
+        logits = self.head(h)[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), input_ids[:, 1:].reshape(-1))
+        return lm_output(loss, routing={GATE_SHARE: gate.detach().reshape(-1, 2).mean(dim=0)})
+
+    def architecture(self) -> dict:
+        return {"family": self.family, "vocab_size": self.vocab_size, "d_model": self.cfg.d_model}
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def callbacks(self, cfg) -> list:
+        return [GateReport()]
+
+
+def build(model_cfg, vocab_size: int, eos_id: int) -> ToyLM:
+    return ToyLM(model_cfg, vocab_size)

@@ -1,0 +1,74 @@
+"""Validate a composed config against the schema, and the record of it a run directory keeps.
+
+Hydra composes conf/; `validate()` merges the result onto the typed schema (the trainer's sections, data.*, and
+the chosen model family's), then runs every section's rules, so a misspelt key, a wrong type or an impossible
+value stops the run with one line naming the key, the value and what would work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import check_data
+from models.registry import config_schema, config_schemas
+from trainer.base.atomic_files import atomic_write_bytes
+from trainer.base.checks import check_rules
+from trainer.base.errors import UserError
+from trainer.config.explain import explain_merge
+from trainer.config.schema import Config, check_run_name, check_trainer
+
+
+def register_schemas() -> None:
+    """Put the schema in Hydra's ConfigStore so keys and types are checked while composing, and let Hydra's run
+    directory refuse a run.name that is a path before it creates anything.
+
+    conf/config.yaml extends `base_config`; each conf/model/*.yaml extends `/schema/model/<family>`.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for family, schema in config_schemas().items():
+        store.store(group="schema/model", name=family, node=schema)
+    if not OmegaConf.has_resolver("run_dir_name"):
+        OmegaConf.register_new_resolver("run_dir_name", check_run_name)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check a composed config against the schema; return it typed. Raises UserError (one line)."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(raw, dict):
+        raise UserError("the composed config is not a mapping")
+    model_raw = raw.get("model") or {}
+    model_schema = config_schema(model_raw.get("family", "dense"))
+    try:
+        model = OmegaConf.merge(OmegaConf.structured(model_schema), model_raw)
+    except OmegaConfBaseException as err:
+        raise UserError(explain_merge(err, model_schema, prefix="model.")) from None
+    rest = {k: v for k, v in raw.items() if k != "model"}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), rest)
+    except OmegaConfBaseException as err:
+        raise UserError(explain_merge(err, Config)) from None
+    result: Config = OmegaConf.to_object(typed)  # type: ignore[assignment]
+    result.model = OmegaConf.to_object(model)
+
+    check_trainer(result)
+    check_data(result.data, tokenizing=result.run.task == "tokenize")
+    check_rules(result.model, type(result.model).RULES, prefix="model.")
+    result.model.check(result.data.block_size)
+    return result
+
+
+def resolved_yaml(config: Config) -> str:
+    """The validated config, every default filled in, as written to a run's resolved_config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def record_config(config: Config, run_dir: Path) -> None:
+    """resolved_config.yaml: the validated config a run directory's checkpoints (or shards) were made with.
+    Training writes it once the run is accepted, so a refused launch cannot overwrite it."""
+    atomic_write_bytes(Path(run_dir) / "resolved_config.yaml", resolved_yaml(config).encode())
