@@ -25,13 +25,8 @@ def load_snapshot_model(snapshot: str | Path):
     family = model_cfg_raw["family"]
     if family not in FAMILIES:
         raise UserError(f"{snapshot} was written by model family {family!r}, which this version does not know")
-    model_cfg = config_schema(family)(**model_cfg_raw)
-    if hasattr(model_cfg, "pretrained"):
-        model_cfg.pretrained = None  # the snapshot holds every weight; no hub access needed
     architecture = meta["architecture"]
-    for key, value in architecture.items():  # the sizes the weights were trained with, whatever the family
-        if key != "family" and hasattr(model_cfg, key):
-            setattr(model_cfg, key, value)
+    model_cfg = config_schema(family)(**model_cfg_raw).rebuilt(architecture)
     tokenizer = load_saved_tokenizer(Path(snapshot).parent / "tokenizer")
     model = build_model(model_cfg, vocab_size=architecture["vocab_size"], eos_id=tokenizer.eos_id)
     model.load_state_dict(state)

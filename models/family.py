@@ -7,7 +7,7 @@ fields, and overrides `check` for rules that relate several keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from trainer.base.checks import Rule
@@ -27,3 +27,9 @@ class ModelConfig:
     def check_sources(self) -> None:
         """What the model loads from outside the run (a hub checkpoint), checked before data is prepared, so an
         offline run fails at once rather than after minutes of tokenizing."""
+
+    def rebuilt(self, architecture: dict) -> ModelConfig:
+        """This config with the sizes a snapshot's architecture recorded, so its weights load into what it builds;
+        a family that loads weights from elsewhere (GPT-2's `pretrained`) drops that: the snapshot has them all."""
+        known = {f.name for f in fields(self)} - {"family"}
+        return replace(self, **{key: value for key, value in architecture.items() if key in known})

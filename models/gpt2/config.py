@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 from models.family import ModelConfig
@@ -42,6 +42,9 @@ class GPT2Config(ModelConfig):
         if self.pretrained is None and block_size > self.n_positions:
             raise UserError(f"data.block_size={block_size} exceeds model.n_positions={self.n_positions}; "
                             "lower data.block_size or raise model.n_positions")
+
+    def rebuilt(self, architecture: dict) -> GPT2Config:
+        return replace(super().rebuilt(architecture), pretrained=None)
 
     def check_sources(self) -> None:
         if self.pretrained and not os.path.isdir(self.pretrained):

@@ -4,5 +4,5 @@ probe, the callback protocol, metric keys and config range rules.
 It lives inside trainer/ because the design card fixes the top level (conf/ trainer/ models/ data/ eval/
 tests/ outputs/); it is the one part of trainer/ that data/ and models/ may import, and it imports nothing
 from trainer/, data/, models/ or eval/ (both are contracts in pyproject.toml, checked by lint-imports).
-Standard library only, except metrics' tensor-free helpers: importing it never imports torch.
+Standard library only: importing it never imports torch.
 """
