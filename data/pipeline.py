@@ -7,20 +7,17 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from trainer.base.errors import UserError
 
 from . import sources
+from .bundle import DataBundle, mix_schedule
 from .cache import digest, load_array, load_json, save_array, save_json
 from .config import DataConfig
-from .mixed_stream import MixedStream
-from .mixing import MixSchedule
 from .packing import PackedBlocks, pack
-from .stream import BlockStream
+from .shard_data import build_shard_data
 from .tokenizer import (
     BPE_RECIPE_VERSION,
     TextTokenizer,
@@ -33,32 +30,6 @@ log = logging.getLogger(__name__)
 
 CORPUS_FORMAT = 1  # bump when the cached arrays' meaning changes
 SPLITS = ("train", "eval")
-
-
-@dataclass
-class DataBundle:
-    tokenizer: TextTokenizer
-    train: PackedBlocks | None  # memory format: every domain's training blocks together (BlockStream)
-    eval: dict[str, PackedBlocks]  # per domain, at most data.max_eval_blocks blocks each
-    summary: dict  # JSON-able description of what was built and where it came from
-    # Per domain, anything with __len__ and batch(idx): PackedBlocks or ShardBlocks (MixedStream)
-    train_by_domain: dict[str, Any] = field(default_factory=dict)
-    mix: MixSchedule | None = None  # set: MixedStream with these weights; None: BlockStream over `train`
-
-    def train_stream(self, batch_size: int, seed: int, rank: int, world_size: int, micro_steps_per_update: int,
-                     max_steps: int) -> BlockStream | MixedStream:
-        """The resumable training stream: a scheduled domain mix when there is one, else shuffled blocks."""
-        if self.mix is not None:
-            return MixedStream(self.train_by_domain, self.mix, batch_size, seed, micro_steps_per_update, max_steps,
-                               rank=rank, world_size=world_size)
-        assert self.train is not None
-        return BlockStream(self.train, batch_size, seed=seed, rank=rank, world_size=world_size)
-
-
-def mix_schedule(cfg: DataConfig) -> MixSchedule | None:
-    if not cfg.mix:
-        return None
-    return MixSchedule([(p.at, dict(p.weights)) for p in cfg.mix], sorted(cfg.domains))
 
 
 def split_documents(docs: list[str], eval_fraction: float, seed: int, domain: str,
@@ -156,8 +127,6 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     """Build (or load from data.cache_dir) the tokenizer, the packed training blocks and per-domain eval blocks;
     with data.format=shards, open the token shards instead."""
     if cfg.format == "shards":
-        from .shard_data import build_shard_data
-
         return build_shard_data(cfg, mix_schedule(cfg))
     start = time.perf_counter()
     domains = sources.check_domains(cfg)

@@ -12,9 +12,9 @@ import time
 from trainer.base.errors import UserError
 
 from . import sources
+from .bundle import DataBundle
 from .config import DataConfig
 from .mixing import MixSchedule
-from .pipeline import DataBundle
 from .shards import ShardBlocks, ShardSet
 from .tokenize_shards import (
     LAYOUT_ONLY,

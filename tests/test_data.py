@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
+from data.bundle import DataBundle
 from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.embedded import strip_docstrings
 from data.math_problems import math_documents
 from data.packing import PackedBlocks, pack
-from data.pipeline import DataBundle, build_data, split_documents
+from data.pipeline import build_data, split_documents
 from data.sources import take_until
 from data.tokenizer import TextTokenizer, load_gpt2, train_bpe
 from trainer.base.errors import UserError
