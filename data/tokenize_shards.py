@@ -27,8 +27,9 @@ from tqdm import tqdm
 from trainer.base.atomic_files import remove_temporaries
 from trainer.base.errors import UserError
 
-from . import hub, shards, sources
+from . import shards, sources
 from .config import DataConfig
+from .sources import hub
 from .tokenizer import TextTokenizer, load_named_tokenizer
 
 log = logging.getLogger(__name__)

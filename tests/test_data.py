@@ -10,11 +10,11 @@ import pytest
 
 from data.bundle import DataBundle
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.embedded import strip_docstrings
-from data.math_problems import math_documents
 from data.packing import PackedBlocks, pack
 from data.pipeline import build_data, split_documents
 from data.sources import take_until
+from data.sources.embedded import strip_docstrings
+from data.sources.math_problems import math_documents
 from data.tokenizer import TextTokenizer, load_gpt2, train_bpe
 from trainer.base.errors import UserError
 
