@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DataConfig
-from .mixed_stream import MixedStream
-from .mixing import MixSchedule
 from .packing import PackedBlocks
-from .stream import BlockStream
+from .streams.mixed import MixedStream
+from .streams.schedule import MixSchedule
+from .streams.shuffled import BlockStream
 from .tokenizer import TextTokenizer
 
 

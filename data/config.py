@@ -139,7 +139,7 @@ def _finite_number(value: object) -> bool:
 def normalise_mix(points: list, domains: list[str]) -> list[tuple[float, tuple[float, ...]]]:
     """data.mix points [(at, {domain: weight})] checked and normalised per point, weights in `domains` order.
 
-    Here, beside the schema, so config validation and data.mixing.MixSchedule share one rule set.
+    Here, beside the schema, so config validation and data.streams.schedule.MixSchedule share one rule set.
     """
     key = "data.mix"
     if not domains:

@@ -14,8 +14,8 @@ from trainer.base.errors import UserError
 from . import sources
 from .bundle import DataBundle
 from .config import DataConfig
-from .mixing import MixSchedule
 from .shards import ShardBlocks, ShardSet
+from .streams.schedule import MixSchedule
 from .tokenize_shards import (
     LAYOUT_ONLY,
     domain_dir,

@@ -18,10 +18,10 @@ import torch
 
 from data import shards, tokenize_shards
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.mixed_stream import MixedStream
-from data.mixing import MixSchedule
 from data.shard_data import build_shard_data
 from data.shards import ShardBlocks, ShardSet
+from data.streams.mixed import MixedStream
+from data.streams.schedule import MixSchedule
 from data.tokenizer import load_gpt2
 from trainer.base.errors import UserError
 

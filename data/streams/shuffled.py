@@ -9,7 +9,7 @@ import torch
 
 from trainer.base.errors import UserError
 
-from .packing import PackedBlocks
+from ..packing import PackedBlocks
 
 
 class BlockStream:

@@ -11,7 +11,7 @@ import torch
 
 from trainer.base.errors import UserError
 
-from .mixing import MixSchedule
+from .schedule import MixSchedule
 
 
 class MixedStream:
