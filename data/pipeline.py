@@ -17,7 +17,7 @@ from .bundle import DataBundle, mix_schedule
 from .cache import digest, load_array, load_json, save_array, save_json
 from .config import DataConfig
 from .packing import PackedBlocks, pack
-from .shard_data import build_shard_data
+from .shards.load import build_shard_data
 from .tokenizer import (
     BPE_RECIPE_VERSION,
     TextTokenizer,
