@@ -1,4 +1,8 @@
-"""build_data: documents -> text-level train/eval split -> tokenizer -> token streams (cached) -> blocks."""
+"""data.format=memory: documents -> text-level train/eval split -> tokenizer -> token streams (cached) -> blocks.
+
+The whole corpus is read, tokenized and packed in memory, capped at data.size_mb per domain; the token streams
+and a trained tokenizer are cached under data.cache_dir, keyed by the documents' signature and the settings.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import numpy as np
 from trainer.base.errors import UserError
 
 from . import sources
-from .bundle import DataBundle, mix_schedule
+from .bundle import DataBundle
 from .cache import digest, load_array, load_json, save_array, save_json
 from .config import DataConfig
 from .packing import PackedBlocks, pack
-from .shards.load import build_shard_data
+from .streams.schedule import MixSchedule
 from .tokenizer import (
     BPE_RECIPE_VERSION,
     TextTokenizer,
@@ -123,11 +127,8 @@ def _build_streams(cfg: DataConfig, seed: int, corpus: str) -> tuple[TextTokeniz
     return tokenizer, streams, manifest
 
 
-def build_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Build (or load from data.cache_dir) the tokenizer, the packed training blocks and per-domain eval blocks;
-    with data.format=shards, open the token shards instead."""
-    if cfg.format == "shards":
-        return build_shard_data(cfg, mix_schedule(cfg))
+def build_memory_data(cfg: DataConfig, seed: int, mix: MixSchedule | None) -> DataBundle:
+    """Build (or load from data.cache_dir) the tokenizer, the packed training blocks and per-domain eval blocks."""
     start = time.perf_counter()
     domains = sources.check_domains(cfg)
     capped = [d for d in domains if cfg.domains[d].max_tokens is not None]
@@ -183,7 +184,6 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     log.info("data: %d train blocks, eval %s, tokenizer %s (%s), %s in %.2fs", summary["train_blocks"],
              {d: len(b) for d, b in eval_blocks.items()}, tokenizer.name, tokenizer.fingerprint,
              "cache hit" if hit else "built", summary["build_seconds"])
-    mix = mix_schedule(cfg)
     if mix is not None:
         summary["mix"] = mix.describe()
     return DataBundle(tokenizer=tokenizer, train=PackedBlocks.concat(train_parts), eval=eval_blocks, summary=summary,
