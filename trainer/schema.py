@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from data.config import DataConfig, check_data
+from data.config import DataConfig, check_data, own_domains
 from trainer.base.atomic_files import atomic_write_bytes
 from trainer.base.errors import UserError
 
@@ -372,6 +372,8 @@ def validate(cfg: DictConfig) -> Config:
     raw = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(raw, dict):
         raise UserError("the composed config is not a mapping")
+    if "data" in raw:
+        raw["data"] = own_domains(raw["data"])  # a data entry's domains are its own, not local.yaml's placeholder
     model_raw = raw.get("model") or {}
     family = model_raw.get("family", "dense")
     if family not in MODEL_SCHEMAS:
