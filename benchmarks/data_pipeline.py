@@ -53,10 +53,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.shard_data import build_shard_data
-from data.shards import read_index
+from data.shards.load import build_shard_data
+from data.shards.store import read_index
+from data.shards.tokenize import domain_dir, resolve_workers, tokenize_data
 from data.sources import load_documents
-from data.tokenize_shards import domain_dir, resolve_workers, tokenize_data
 from data.tokenizer import load_gpt2
 from models.registry import build_model
 from trainer.config.validate import register_schemas, validate

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.pipeline import build_data
+from data.build import build_data
 from models.registry import build_model
 from trainer.config.validate import register_schemas, validate
 from trainer.engines.base import autocast_context

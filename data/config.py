@@ -6,6 +6,7 @@ The trainer's root schema (trainer/config) embeds DataConfig as `data`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from numbers import Real
@@ -76,6 +77,41 @@ class DataConfig:
     tokenize_batch_docs: int = 512  # documents per tokenizer batch call
 
 
+# conf/data/local.yaml's placeholder paths: OmegaConf's "still to be given" mark, as the list's one entry.
+PLACEHOLDER_PATHS = ["???"]
+
+
+def own_domains(raw_data: object) -> object:
+    """An entry's own domains, in the composed untyped `data` mapping, before validation's typed merge.
+
+    conf/data/local.yaml declares `text: {paths: ["???"]}` so that `data=local data.domains.text.paths=[...]`
+    works (omegaconf 2.3 cannot add a domain from the command line). Hydra merges mappings, so an entry with
+    `defaults: [local, _self_]` inherits that placeholder beside its own domains: it is dropped then. A
+    placeholder given anything (paths, text_fields) is the user's and stays; placeholder paths left read as
+    none, which check_data refuses by name (data=local with no paths). The mark sits inside the list because a
+    bare `paths: ???` merged onto the schema's default [] leaves [], and null is refused for a list.
+    """
+    if not isinstance(raw_data, dict) or not isinstance(raw_data.get("domains"), dict):
+        return raw_data
+    domains = raw_data["domains"]
+    own = {name: d for name, d in domains.items() if not _placeholder(d)}
+    kept = own or domains  # placeholders alone (data=local): kept, and refused as empty by check_data
+    return {**raw_data, "domains": {name: {**d, "paths": []} if _paths_unset(d) else d for name, d in kept.items()}}
+
+
+def _paths_unset(domain: object) -> bool:
+    return isinstance(domain, dict) and domain.get("paths") == PLACEHOLDER_PATHS
+
+
+def _placeholder(domain: object) -> bool:
+    """Placeholder paths and nothing else set: a domain declared for the command line, not one an entry names."""
+    if not _paths_unset(domain):
+        return False
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(DomainConfig)}
+    return all(name in defaults and value == defaults[name] for name, value in domain.items() if name != "paths")
+
+
 CHOICES = {
     "source": ("embedded", "hub", "local"),
     "format": ("memory", "shards"),
@@ -140,7 +176,7 @@ def _finite_number(value: object) -> bool:
 def normalise_mix(points: list, domains: list[str]) -> list[tuple[float, tuple[float, ...]]]:
     """data.mix points [(at, {domain: weight})] checked and normalised per point, weights in `domains` order.
 
-    Here, beside the schema, so config validation and data.mixing.MixSchedule share one rule set.
+    Here, beside the schema, so config validation and data.streams.schedule.MixSchedule share one rule set.
     """
     key = "data.mix"
     if not domains:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, compose_validated, run_cli
+from tests.conftest import ROOT, assert_ok, compose_validated, run_cli
 from trainer.base.errors import UserError
 from trainer.config.explain import explain
 from trainer.config.validate import validate
@@ -163,6 +164,7 @@ def test_validation_rejects_with_one_line(override, needle):
     (["task=tokenise"], ["task=tokenise", "available:", "tokenize"]),
     (["data=local", "data.domains.txt.paths=[a.jsonl]"], ["did you mean 'text'?", "a new domain goes in a data entry"]),
     (["data=local", "data.domains.text.path=[a.jsonl]"], ["'data.domains.text.path': did you mean 'paths'?"]),
+    (["data=local"], ["data.domains.text.paths is empty; data.source=local needs files per domain"]),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
     flags = [a for a in args if a.startswith("--")]
@@ -178,6 +180,94 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, needles):
     assert not list(Path(tmp_path).rglob("*.pt")), "nothing may run before validation"
     if not flags:  # a sweep keeps its failed job's directory, with the job's overrides in it
         assert not list(Path(tmp_path).iterdir()), "a refused run leaves no run directory behind"
+
+
+def readme_recipe() -> tuple[str, str]:
+    """(path, text) of the multi-domain data entry README.md prints under "Your own files", exactly as printed."""
+    section = (ROOT / "README.md").read_text().split("**Your own files.**", 1)[1]
+    text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    first = text.splitlines()[0]
+    assert first.startswith("# ") and first.endswith(".yaml") and "defaults: [local, _self_]" in text
+    return first[2:].strip(), text
+
+
+def local_yaml_recipe() -> str:
+    """The data entry conf/data/local.yaml's comment prints, uncommented."""
+    lines = (CONF / "data" / "local.yaml").read_text().splitlines()
+    start = lines.index("#   defaults: [local, _self_]")
+    recipe = list(itertools.takewhile(lambda line: line.startswith("#   "), lines[start:]))
+    return "".join(line[4:] + "\n" for line in recipe)
+
+
+def add_entry(root: Path, relpath: str, text: str) -> list[str]:
+    """Write a data entry where a user would (<dir>/data/<name>.yaml); the overrides that select it."""
+    path = root / relpath
+    assert path.parent.name == "data", relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return [f"data={path.stem}", f"hydra.searchpath=[file://{path.parent.parent}]"]
+
+
+def assert_domains_as_printed(cfg, printed: dict) -> None:
+    assert cfg.data.name == printed["name"]
+    assert sorted(cfg.data.domains) == sorted(printed["domains"])
+    for name, domain in printed["domains"].items():
+        for key, value in domain.items():
+            assert getattr(cfg.data.domains[name], key) == value, (name, key)
+
+
+def test_the_readmes_multi_domain_entry_has_exactly_its_own_domains(tmp_path):
+    """`defaults: [local, _self_]` must not bring local's `text` placeholder along (it was refused as empty)."""
+    relpath, text = readme_recipe()
+    printed = yaml.safe_load(text)
+    assert "text" not in printed["domains"]
+    entry = add_entry(tmp_path, relpath, text)
+    assert_domains_as_printed(compose_validated(entry), printed)
+    assert_domains_as_printed(compose_validated([*entry, "task=tokenize"]), printed)
+    # Given paths on the command line, local's text domain is the user's too.
+    both = compose_validated([*entry, "data.domains.text.paths=[prose/]"])
+    assert sorted(both.data.domains) == sorted([*printed["domains"], "text"])
+    assert both.data.domains["text"].paths == ["prose/"]
+
+
+def test_local_yamls_printed_entry_has_exactly_its_own_domains(tmp_path):
+    text = local_yaml_recipe()
+    printed = yaml.safe_load(text)
+    assert_domains_as_printed(compose_validated(add_entry(tmp_path, f"mine/data/{printed['name']}.yaml", text)),
+                              printed)
+
+
+def test_an_entrys_own_domain_without_paths_is_refused_not_dropped(tmp_path):
+    # Named in the entry (text_fields set), `text` is the entry's own: forgetting its paths is a mistake to report.
+    text = ("defaults: [local, _self_]\nname: half\n"
+            "domains:\n  text: {text_fields: [body]}\n  code: {paths: [a.jsonl]}\n")
+    with pytest.raises(UserError, match=r"^data\.domains\.text\.paths is empty"):
+        compose_validated(add_entry(tmp_path, "mine/data/half.yaml", text))
+
+
+@pytest.mark.parametrize("task", ["train", "tokenize"])
+def test_data_local_without_paths_is_still_refused_with_the_same_line(task):
+    with pytest.raises(UserError) as err:
+        compose_validated(["data=local", f"task={task}"])
+    assert str(err.value) == ("data.domains.text.paths is empty; data.source=local needs files per domain, for "
+                              "example data.domains.text.paths=[corpus/*.jsonl]")
+
+
+@pytest.mark.slow
+def test_the_readmes_entry_tokenizes_only_its_own_domains_through_the_cli(tmp_path):
+    relpath, text = readme_recipe()
+    entry = add_entry(tmp_path / "conf", relpath, text)
+    files = tmp_path / "repos" / "mine"  # where the recipe's relative glob finds them, from the working directory
+    files.mkdir(parents=True)
+    rows = [json.dumps({"content": f"def f{i}(x):\n    return x * {i} + {i * i}\n"}) for i in range(60)]
+    (files / "part.jsonl").write_text("\n".join(rows) + "\n")
+    result = run_cli(["task=tokenize", *entry, f"data.shards_dir={tmp_path / 'shards'}",
+                      f"data.cache_dir={tmp_path / 'cache'}", "data.eval_tokens=100", "data.tokenize_workers=1",
+                      f"run.output_dir={tmp_path}"], cwd=tmp_path)
+    assert_ok(result)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["code"]
+    [recorded] = tmp_path.glob("tokenize/*/resolved_config.yaml")
+    assert sorted(yaml.safe_load(recorded.read_text())["data"]["domains"]) == ["code"]
 
 
 def test_cfg_job_prints_the_composed_config_without_importing_torch(tmp_path):

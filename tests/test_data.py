@@ -8,12 +8,14 @@ import logging
 import numpy as np
 import pytest
 
+from data.build import build_data
+from data.bundle import DataBundle
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.embedded import strip_docstrings
-from data.math_problems import math_documents
+from data.memory import split_documents
 from data.packing import PackedBlocks, pack
-from data.pipeline import DataBundle, build_data, split_documents
 from data.sources import take_until
+from data.sources.embedded import strip_docstrings
+from data.sources.math_problems import math_documents
 from data.tokenizer import TextTokenizer, load_gpt2, train_bpe
 from trainer.base.errors import UserError
 
@@ -207,7 +209,7 @@ def test_too_small_for_a_block_is_a_user_error(tmp_path):
 
 
 def test_a_local_source_with_one_document_is_also_told_to_add_documents():
-    from data.pipeline import split_documents
+    from data.memory import split_documents
 
     with pytest.raises(UserError, match="only 1 document.* raise data.size_mb, or, if the source holds only one .*"
                                         "add documents to data.domains.text"):

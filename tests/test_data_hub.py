@@ -8,8 +8,8 @@ import time
 import pytest
 
 import trainer.base.hub
+from data.build import build_data
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.pipeline import build_data
 from data.tokenizer import load_pretrained
 from tests.conftest import tiny_run
 from trainer.base.errors import UserError

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from data import embedded, sources
+from data import sources
+from data.build import build_data
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.pipeline import build_data
-from data.sources import take_until
+from data.sources import embedded, take_until
 
 # The stdlib's prose is ~0.77 MB; this cap reaches numpy (two seconds to parse), not torch or transformers.
 PAST_STDLIB = 1_000_000

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.packing import PackedBlocks
-from data.stream import BlockStream
+from data.streams.shuffled import BlockStream
 from trainer.base.errors import UserError
 
 

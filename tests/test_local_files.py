@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from data import hub, sources
+from data import sources
 from data.config import DataConfig, DomainConfig
-from data.local_files import SUPPORTED, expand_paths, local_documents, local_signature
+from data.sources import hub
+from data.sources.local_files import SUPPORTED, expand_paths, local_documents, local_signature
 from trainer.base.errors import UserError
 
 KEY = "data.domains.math.paths"
@@ -211,3 +212,16 @@ def test_filter_is_part_of_the_local_source_signature(tmp_path):
     assert python != plain and python["filter"] == {"language": "Python"}
     assert "filter" not in plain  # shards and caches written before filters applied stay valid without one
     assert sources.signature(code_cfg(path, {"language": "C"})) != sources.signature(code_cfg(path, {}))
+
+
+def test_the_corpus_key_reads_the_code_of_every_source_module(tmp_path, monkeypatch):
+    """A change to any source's code (data/sources/*.py) must rebuild cached corpora: the key hashes them all."""
+    import builtins
+
+    path = write_jsonl(tmp_path / "code.jsonl", CODE_ROWS)
+    read, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: read.append(str(file)) or real_open(file, *a, **k))
+    sources.signature(code_cfg(path, {}))
+    here = os.path.dirname(sources.__file__)
+    assert {p for p in read if p.endswith(".py")} == {os.path.join(here, f) for f in os.listdir(here)
+                                                       if f.endswith(".py")}

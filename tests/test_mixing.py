@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.mixed_stream import MixedStream
-from data.mixing import MixSchedule
 from data.packing import PackedBlocks
+from data.streams.mixed import MixedStream
+from data.streams.schedule import MixSchedule
 from trainer.base.errors import UserError
 
 DOMAINS = ["code", "math", "stem"]  # sorted; domain k's blocks start at k * OFFSET

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from data import shards, tokenize_shards
 from data.config import DataConfig, DomainConfig, TokenizerConfig
-from data.mixed_stream import MixedStream
-from data.mixing import MixSchedule
-from data.shard_data import build_shard_data
-from data.shards import ShardBlocks, ShardSet
+from data.shards import store, tokenize
+from data.shards.load import build_shard_data
+from data.shards.store import ShardBlocks, ShardSet
+from data.streams.mixed import MixedStream
+from data.streams.schedule import MixSchedule
 from data.tokenizer import load_gpt2
 from trainer.base.errors import UserError
 
@@ -58,11 +58,11 @@ def test_write_and_open_round_trip_tokens_and_document_starts(tmp_path):
     rng = np.random.default_rng(0)
     lengths = [rng.integers(1, 40, size=n) for n in (7, 1, 12)]
     parts = [rng.integers(0, 2**32 - 1, size=int(ln.sum()), dtype=np.uint64).astype(np.uint32) for ln in lengths]
-    index = {"format_version": shards.FORMAT_VERSION, "settings": {"tokenizer": {}}, "eval": None, "train": [],
+    index = {"format_version": store.FORMAT_VERSION, "settings": {"tokenizer": {}}, "eval": None, "train": [],
              "complete": True}
     for i, (tokens, ln) in enumerate(zip(parts, lengths, strict=True)):
-        index["train"].append(shards.write_shard(str(tmp_path), f"train-{i:05d}", tokens, ln))
-    shards.write_index(str(tmp_path), index)
+        index["train"].append(store.write_shard(str(tmp_path), f"train-{i:05d}", tokens, ln))
+    store.write_index(str(tmp_path), index)
     shard_set = ShardSet(str(tmp_path), "data.domains.x", "tokenize")
     whole = np.concatenate(parts).astype(np.int64)
     assert shard_set.num_tokens == len(whole)
@@ -76,10 +76,10 @@ def test_write_and_open_round_trip_tokens_and_document_starts(tmp_path):
 def test_blocks_share_one_token_and_carry_document_ids(tmp_path):
     lengths = np.array([5, 9, 3, 20, 4, 11, 6])
     tokens = np.arange(lengths.sum(), dtype=np.uint32)
-    index = {"format_version": shards.FORMAT_VERSION, "settings": {}, "eval": None, "complete": True,
-             "train": [shards.write_shard(str(tmp_path), "train-00000", tokens[:30], np.array([5, 9, 3, 13])),
-                       shards.write_shard(str(tmp_path), "train-00001", tokens[30:], np.array([7, 4, 11, 6]))]}
-    shards.write_index(str(tmp_path), index)
+    index = {"format_version": store.FORMAT_VERSION, "settings": {}, "eval": None, "complete": True,
+             "train": [store.write_shard(str(tmp_path), "train-00000", tokens[:30], np.array([5, 9, 3, 13])),
+                       store.write_shard(str(tmp_path), "train-00001", tokens[30:], np.array([7, 4, 11, 6]))]}
+    store.write_index(str(tmp_path), index)
     blocks = ShardBlocks(ShardSet(str(tmp_path), "k", "hint"), block_size=8, domain="b", domains=["a", "b"])
     assert len(blocks) == (len(tokens) - 8) // 7 + 1
     starts = np.concatenate([[0], np.cumsum([5, 9, 3, 13, 7, 4, 11])])  # the split document is two documents
@@ -97,13 +97,13 @@ def test_blocks_share_one_token_and_carry_document_ids(tmp_path):
 def test_tokenize_writes_documents_with_eos_and_an_eval_shard_first(tmp_path, gpt2):
     docs = write_corpus(tmp_path / "a.jsonl", 200, seed=1)
     cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
-    [summary] = tokenize_shards.tokenize_data(cfg)
+    [summary] = tokenize.tokenize_data(cfg)
     directory = tmp_path / "shards" / "text"
     index = json.loads((directory / "index.json").read_text())
     assert index["complete"] and index["settings"]["tokenizer"]["fingerprint"] == gpt2.fingerprint
     assert index["settings"]["source"]["files"][0][0] == str(tmp_path / "a.jsonl")
     expected = [np.array([*gpt2.encode(d), gpt2.eos_id]) for d in docs]
-    eval_shard = shards.open_shard(str(directory), index["eval"])
+    eval_shard = store.open_shard(str(directory), index["eval"])
     n_eval = index["eval"]["documents"]
     assert np.array_equal(eval_shard.tokens, np.concatenate(expected[:n_eval]))
     assert sum(len(e) for e in expected[:n_eval - 1]) < 500 <= len(eval_shard.tokens)  # ends with the filler
@@ -121,10 +121,10 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
     write_corpus(tmp_path / "in" / "b.jsonl", 100, seed=3)
     corpus = tmp_path / "in"
     reference = local_cfg(tmp_path, tmp_path / "whole", workers=1, text=corpus)
-    tokenize_shards.tokenize_data(reference)
+    tokenize.tokenize_data(reference)
 
     cfg = local_cfg(tmp_path, tmp_path / "cut", workers=workers, text=corpus)
-    real_write, calls = shards.write_shard, []
+    real_write, calls = store.write_shard, []
 
     def dying_write(directory, name, tokens, lengths):
         calls.append(name)
@@ -135,10 +135,10 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_write(directory, name, tokens, lengths)
 
-    monkeypatch.setattr(shards, "write_shard", dying_write)
+    monkeypatch.setattr(store, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        tokenize_shards.tokenize_data(cfg)
-    monkeypatch.setattr(shards, "write_shard", real_write)
+        tokenize.tokenize_data(cfg)
+    monkeypatch.setattr(store, "write_shard", real_write)
     cut = tmp_path / "cut" / "text"
     index = json.loads((cut / "index.json").read_text())
     assert not index["complete"] and len(index["train"]) == 2 and not (cut / "train-00002.bin").exists()
@@ -146,10 +146,10 @@ def test_interrupted_tokenization_resumes_to_the_same_bytes(tmp_path, monkeypatc
         ShardSet(str(cut), "data.domains.text", "the command")
     (cut / "train-00007.bin").write_bytes(b"renamed into place but never indexed")
 
-    [summary] = tokenize_shards.tokenize_data(cfg)
+    [summary] = tokenize.tokenize_data(cfg)
     assert summary["tokenized_now"] < summary["train_tokens"]  # the finished shards were not redone
     assert files_of(cut) == files_of(tmp_path / "whole" / "text")
-    again = tokenize_shards.tokenize_data(cfg)[0]  # a finished directory is left alone
+    again = tokenize.tokenize_data(cfg)[0]  # a finished directory is left alone
     assert again["tokenized_now"] == 0 and files_of(cut) == files_of(tmp_path / "whole" / "text")
 
 
@@ -177,10 +177,10 @@ def test_an_interrupted_tokenization_closes_its_progress_bar_before_the_message(
     def interrupted_write(directory, name, tokens, lengths):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenize_shards, "tqdm", RecordingBar)
-    monkeypatch.setattr(shards, "write_shard", interrupted_write)
+    monkeypatch.setattr(tokenize, "tqdm", RecordingBar)
+    monkeypatch.setattr(store, "write_shard", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
-        tokenize_shards.tokenize_data(local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "in"))
+        tokenize.tokenize_data(local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "in"))
     assert events and events[-1] == "closed" and "update" in events
 
 
@@ -204,7 +204,7 @@ class CharTokenizer:
 @pytest.mark.timeout(120)
 def test_encoding_stopped_early_shuts_its_workers_down():
     docs = (f"document {i} " * 20 for i in range(400))
-    batches = tokenize_shards.encoded_batches(docs, CharTokenizer(), workers=2, batch_docs=5)
+    batches = tokenize.encoded_batches(docs, CharTokenizer(), workers=2, batch_docs=5)
     flat, lengths = next(batches)
     assert len(lengths) == 5 and flat[lengths[0] - 1] == 0
     # What an interrupt or an error in the consumer does to the generator: it must return, with every worker
@@ -219,7 +219,7 @@ def test_a_batch_failing_in_a_worker_fails_the_run_instead_of_hanging():
     docs = [f"doc {i}" for i in range(100)]
     docs[37] = POISON
     with pytest.raises(ValueError, match="poisoned batch"):
-        for _ in tokenize_shards.encoded_batches(iter(docs), CharTokenizer(), workers=2, batch_docs=5):
+        for _ in tokenize.encoded_batches(iter(docs), CharTokenizer(), workers=2, batch_docs=5):
             pass
     assert multiprocessing.active_children() == []
 
@@ -228,13 +228,13 @@ def test_token_budget_and_changed_settings(tmp_path):
     write_corpus(tmp_path / "a.jsonl", 300, seed=4)
     cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
     cfg.domains["text"].max_tokens = 4000
-    [summary] = tokenize_shards.tokenize_data(cfg)
+    [summary] = tokenize.tokenize_data(cfg)
     index = json.loads((tmp_path / "shards" / "text" / "index.json").read_text())
     assert summary["shards"] == 2 and 3000 <= index["train"][0]["tokens"] < 3000 + 200
     assert 4000 <= summary["train_tokens"] < 4000 + 200  # stops after the document that reaches the budget
     cfg.shard_tokens = 2000
     with pytest.raises(UserError, match="shard_tokens"):
-        tokenize_shards.tokenize_data(cfg)
+        tokenize.tokenize_data(cfg)
 
 
 def test_training_refuses_shards_of_another_tokenizer_and_missing_shards(tmp_path, gpt2):
@@ -242,7 +242,7 @@ def test_training_refuses_shards_of_another_tokenizer_and_missing_shards(tmp_pat
     cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
     with pytest.raises(UserError, match="task=tokenize data=local"):
         build_shard_data(cfg, None)
-    tokenize_shards.tokenize_data(cfg)
+    tokenize.tokenize_data(cfg)
     bundle = build_shard_data(cfg, None)
     assert bundle.tokenizer.vocab_size == gpt2.vocab_size and bundle.mix is not None
     assert len(bundle.eval["text"]) >= 1 and bundle.summary["domains"]["text"]["train_documents"] > 0
@@ -264,7 +264,7 @@ def test_training_refuses_shards_written_from_other_data_settings(tmp_path):
     write_corpus(tmp_path / "b.jsonl", 200, seed=9)
     cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "a.jsonl")
     cfg.domains["text"].max_tokens = 6000
-    tokenize_shards.tokenize_data(cfg)
+    tokenize.tokenize_data(cfg)
     cfg.shard_tokens, cfg.block_size, cfg.tokenize_workers = 999, 16, 3  # decide nothing a run reads
     build_shard_data(cfg, None)
 
@@ -287,7 +287,7 @@ def test_shards_train_where_their_source_files_moved_or_are_absent(tmp_path, cap
     runs: the same files under another directory are the same corpus, and absent ones cannot be checked."""
     write_corpus(tmp_path / "raw" / "a.jsonl", 200, seed=8)
     cfg = local_cfg(tmp_path, tmp_path / "shards", text=tmp_path / "raw" / "a.jsonl")
-    tokenize_shards.tokenize_data(cfg)
+    tokenize.tokenize_data(cfg)
 
     moved = tmp_path / "elsewhere" / "a.jsonl"
     moved.parent.mkdir()
@@ -317,7 +317,7 @@ def test_offline_hub_source_fails_fast_naming_dataset_and_local_alternative(tmp_
                      domains={"math": DomainConfig(dataset="nvidia/Nemotron-CC-Math-v1", config="4plus")},
                      cache_dir=str(tmp_path))
     with pytest.raises(UserError) as err:
-        tokenize_shards.tokenize_data(cfg)
+        tokenize.tokenize_data(cfg)
     assert "nvidia/Nemotron-CC-Math-v1" in str(err.value) and "data.domains.math.paths" in str(err.value)
 
 
@@ -325,7 +325,7 @@ def test_mixed_stream_over_shards_is_deterministic_and_resumes_exactly(tmp_path)
     write_corpus(tmp_path / "a.jsonl", 200, seed=6)
     write_corpus(tmp_path / "b.jsonl", 120, seed=7)
     cfg = local_cfg(tmp_path, tmp_path / "shards", math=tmp_path / "a.jsonl", code=tmp_path / "b.jsonl")
-    tokenize_shards.tokenize_data(cfg)
+    tokenize.tokenize_data(cfg)
     bundle = build_shard_data(cfg, MixSchedule([(0.0, {"math": 0.5, "code": 0.5}), (1.0, {"math": 0.9, "code": 0.1})],
                                                ["code", "math"]))
 
@@ -378,7 +378,7 @@ def test_hub_source_is_streamed_filtered_and_tokenized(tmp_path, monkeypatch, gp
                      domains={"code": DomainConfig(dataset="parquet", data_files=[FILES], filter={"language": "Python"},
                                                    text_fields=["code"], max_tokens=1500)},
                      cache_dir=str(tmp_path), shard_tokens=1000, eval_tokens=100, tokenize_workers=1)
-    [summary] = tokenize_shards.tokenize_data(cfg)
+    [summary] = tokenize.tokenize_data(cfg)
     assert calls[0] == ("parquet", None, "train", True, {"data_files": [FILES]})  # streamed, never downloaded whole
     assert summary["shards"] == 2 and 1500 <= summary["train_tokens"] < 1600  # stopped at the budget
     shard_set = ShardSet(str(tmp_path / "shards" / "hubby" / "code"), "k", "hint")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data.pipeline import build_data
+from data.build import build_data
 from models.registry import build_model
 from trainer import checkpoint as ckpt
 from trainer.base.errors import UserError

@@ -20,7 +20,7 @@ def run_job(cfg: DictConfig) -> dict:
     run_dir = Path(hydra.runtime.output_dir)
     is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process writes and reports
     if config.run.task == "tokenize":
-        from data.tokenize_shards import tokenize_data
+        from data.shards.tokenize import tokenize_data
 
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

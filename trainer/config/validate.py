@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import check_data
+from data.config import check_data, own_domains
 from models.registry import config_schema, config_schemas
 from trainer.base.atomic_files import atomic_write_bytes
 from trainer.base.checks import check_rules
@@ -42,6 +42,8 @@ def validate(cfg: DictConfig) -> Config:
     raw = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(raw, dict):
         raise UserError("the composed config is not a mapping")
+    if "data" in raw:
+        raw["data"] = own_domains(raw["data"])  # a data entry's domains are its own, not local.yaml's placeholder
     model_raw = raw.get("model") or {}
     model_schema = config_schema(model_raw.get("family", "dense"))
     try:

@@ -1,4 +1,8 @@
-"""build_data: documents -> text-level train/eval split -> tokenizer -> token streams (cached) -> blocks."""
+"""data.format=memory: documents -> text-level train/eval split -> tokenizer -> token streams (cached) -> blocks.
+
+The whole corpus is read, tokenized and packed in memory, capped at data.size_mb per domain; the token streams
+and a trained tokenizer are cached under data.cache_dir, keyed by the documents' signature and the settings.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,17 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from trainer.base.errors import UserError
 
 from . import sources
+from .bundle import DataBundle
 from .cache import digest, load_array, load_json, save_array, save_json
 from .config import DataConfig
-from .mixed_stream import MixedStream
-from .mixing import MixSchedule
 from .packing import PackedBlocks, pack
-from .stream import BlockStream
+from .streams.schedule import MixSchedule
 from .tokenizer import (
     BPE_RECIPE_VERSION,
     TextTokenizer,
@@ -33,32 +34,6 @@ log = logging.getLogger(__name__)
 
 CORPUS_FORMAT = 1  # bump when the cached arrays' meaning changes
 SPLITS = ("train", "eval")
-
-
-@dataclass
-class DataBundle:
-    tokenizer: TextTokenizer
-    train: PackedBlocks | None  # memory format: every domain's training blocks together (BlockStream)
-    eval: dict[str, PackedBlocks]  # per domain, at most data.max_eval_blocks blocks each
-    summary: dict  # JSON-able description of what was built and where it came from
-    # Per domain, anything with __len__ and batch(idx): PackedBlocks or ShardBlocks (MixedStream)
-    train_by_domain: dict[str, Any] = field(default_factory=dict)
-    mix: MixSchedule | None = None  # set: MixedStream with these weights; None: BlockStream over `train`
-
-    def train_stream(self, batch_size: int, seed: int, rank: int, world_size: int, micro_steps_per_update: int,
-                     max_steps: int) -> BlockStream | MixedStream:
-        """The resumable training stream: a scheduled domain mix when there is one, else shuffled blocks."""
-        if self.mix is not None:
-            return MixedStream(self.train_by_domain, self.mix, batch_size, seed, micro_steps_per_update, max_steps,
-                               rank=rank, world_size=world_size)
-        assert self.train is not None
-        return BlockStream(self.train, batch_size, seed=seed, rank=rank, world_size=world_size)
-
-
-def mix_schedule(cfg: DataConfig) -> MixSchedule | None:
-    if not cfg.mix:
-        return None
-    return MixSchedule([(p.at, dict(p.weights)) for p in cfg.mix], sorted(cfg.domains))
 
 
 def split_documents(docs: list[str], eval_fraction: float, seed: int, domain: str,
@@ -152,13 +127,8 @@ def _build_streams(cfg: DataConfig, seed: int, corpus: str) -> tuple[TextTokeniz
     return tokenizer, streams, manifest
 
 
-def build_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Build (or load from data.cache_dir) the tokenizer, the packed training blocks and per-domain eval blocks;
-    with data.format=shards, open the token shards instead."""
-    if cfg.format == "shards":
-        from .shard_data import build_shard_data
-
-        return build_shard_data(cfg, mix_schedule(cfg))
+def build_memory_data(cfg: DataConfig, seed: int, mix: MixSchedule | None) -> DataBundle:
+    """Build (or load from data.cache_dir) the tokenizer, the packed training blocks and per-domain eval blocks."""
     start = time.perf_counter()
     domains = sources.check_domains(cfg)
     capped = [d for d in domains if cfg.domains[d].max_tokens is not None]
@@ -214,7 +184,6 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     log.info("data: %d train blocks, eval %s, tokenizer %s (%s), %s in %.2fs", summary["train_blocks"],
              {d: len(b) for d, b in eval_blocks.items()}, tokenizer.name, tokenizer.fingerprint,
              "cache hit" if hit else "built", summary["build_seconds"])
-    mix = mix_schedule(cfg)
     if mix is not None:
         summary["mix"] = mix.describe()
     return DataBundle(tokenizer=tokenizer, train=PackedBlocks.concat(train_parts), eval=eval_blocks, summary=summary,

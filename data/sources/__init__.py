@@ -1,19 +1,22 @@
-"""Per-domain documents from the configured source, capped at `data.size_mb` of UTF-8 text each."""
+"""Sources: each domain's documents from the configured source, capped at `data.size_mb` of UTF-8 text each.
+
+The sources themselves: embedded (text installed with Python and the project's dependencies), math_problems
+(the generated math domain), local_files (the user's files) and hub (Hugging Face datasets, streamed).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 
 from trainer.base.errors import UserError
 
+from ..config import DataConfig
 from . import embedded, hub, local_files, math_problems
-from .config import DataConfig
 
 EMBEDDED_DOMAINS = ("code", "math", "prose")
-# Modules whose code decides the documents' text; their source is part of the cache key.
-_TEXT_MODULES = ("embedded.py", "math_problems.py", "hub.py", "local_files.py", "sources.py")
+# Modules whose code decides the documents' text (with this one); their source is part of the cache key.
+_TEXT_MODULES = (embedded, math_problems, hub, local_files)
 SOURCES = ("embedded", "hub", "local")
 
 
@@ -62,10 +65,9 @@ def paths_key(domain: str) -> str:
 
 def signature(cfg: DataConfig) -> list:
     """Cheap stand-in for the documents' content, so a cached corpus is found without re-reading the text."""
-    here = os.path.dirname(__file__)
     code = hashlib.sha256()
-    for module in _TEXT_MODULES:
-        with open(os.path.join(here, module), "rb") as f:
+    for path in (*(module.__file__ for module in _TEXT_MODULES), __file__):
+        with open(path, "rb") as f:
             code.update(f.read())
     sig: list = [cfg.source, cfg.size_mb, code.hexdigest()[:16]]
     if cfg.source == "embedded":

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from inspect import cleandoc
 
-from .cache import digest, load_json, save_json
+from ..cache import digest, load_json, save_json
 
 # Test suites are mostly fixtures and deliberately odd code; they would skew the code domain.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}

@@ -27,9 +27,11 @@ from tqdm import tqdm
 from trainer.base.atomic_files import remove_temporaries
 from trainer.base.errors import UserError
 
-from . import hub, shards, sources
-from .config import DataConfig
-from .tokenizer import TextTokenizer, load_named_tokenizer
+from .. import sources
+from ..config import DataConfig
+from ..sources import hub
+from ..tokenizer import TextTokenizer, load_named_tokenizer
+from . import store
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +206,13 @@ class ShardBuilder:
             return
         tokens, lengths = np.concatenate(self.pieces), np.concatenate(self.lengths)
         if self.in_eval:
-            self.index["eval"] = shards.write_shard(self.directory, "eval-00000", tokens, lengths)
+            self.index["eval"] = store.write_shard(self.directory, "eval-00000", tokens, lengths)
         else:
             name = f"train-{len(self.index['train']):05d}"
-            self.index["train"].append(shards.write_shard(self.directory, name, tokens, lengths))
+            self.index["train"].append(store.write_shard(self.directory, name, tokens, lengths))
             self.train_tokens += len(tokens)
         self.index["source_documents"] += len(lengths)
-        shards.write_index(self.directory, self.index)  # last: the shard counts from here on
+        store.write_index(self.directory, self.index)  # last: the shard counts from here on
         self.pieces, self.lengths, self.buffered = [], [], 0
 
 
@@ -227,14 +229,14 @@ def tokenize_domain(cfg: DataConfig, domain: str, tokenizer: TextTokenizer, work
     directory = domain_dir(cfg, domain)
     os.makedirs(directory, exist_ok=True)
     settings = shard_settings(cfg, domain, tokenizer)
-    index = shards.read_index(directory)
+    index = store.read_index(directory)
     # Resuming appends to the existing shards byte for byte, so here even layout-only settings must match.
     changed = settings_differences(index["settings"], settings) if index is not None else []
     if changed:
         raise UserError(f"{directory} was tokenized with other settings ({'; '.join(changed)}); delete it "
                         "to start over, or point data.shards_dir elsewhere")
     if index is None:
-        index = {"format_version": shards.FORMAT_VERSION, "domain": domain, "settings": settings,
+        index = {"format_version": store.FORMAT_VERSION, "domain": domain, "settings": settings,
                  "eval": None, "train": [], "source_documents": 0, "complete": False}
     if index["complete"]:
         log.info("%s: already tokenized (%d shards) in %s", domain, len(index["train"]), directory)
@@ -266,7 +268,7 @@ def tokenize_domain(cfg: DataConfig, domain: str, tokenizer: TextTokenizer, work
         raise UserError(f"data.domains.{domain}: the source gave no training tokens after the eval shard; "
                         "lower data.eval_tokens or add text")
     index["complete"] = True
-    shards.write_index(directory, index)
+    store.write_index(directory, index)
     elapsed = time.perf_counter() - start
     return _summary(domain, directory, index, new_tokens, elapsed, workers)
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from trainer.base.errors import UserError
+from trainer.base.metrics import data_fraction, data_target
 
-from .mixing import MixSchedule
+from .schedule import MixSchedule
 
 
 class MixedStream:
@@ -126,8 +127,8 @@ class MixedStream:
             return {}
         out: dict[str, float] = {}
         for d in self.domains:
-            out[f"data/{d}/fraction"] = self._counts[d] / total
-            out[f"data/{d}/target"] = float(self._target[d])
+            out[data_fraction(d)] = self._counts[d] / total
+            out[data_target(d)] = float(self._target[d])
         self._reset_metrics()
         return out
 

@@ -22,8 +22,8 @@ import torch
 from trainer.base.atomic_files import atomic_path
 from trainer.base.errors import UserError
 
-from .cache import load_json, save_json
-from .packing import PackedBlocks, pack
+from ..cache import load_json, save_json
+from ..packing import PackedBlocks, pack
 
 FORMAT_VERSION = 1
 INDEX = "index.json"

@@ -5,7 +5,7 @@ The rules for valid points live in data.config.normalise_mix, which config valid
 
 from __future__ import annotations
 
-from .config import normalise_mix
+from ..config import normalise_mix
 
 
 class MixSchedule:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from trainer.base.errors import UserError
 from trainer.base.hub import require_hub
 
-from .config import DomainConfig
+from ..config import DomainConfig
 from .local_files import kept
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from trainer.base.errors import UserError
+from trainer.base.metrics import data_fraction
 
-from .packing import PackedBlocks
+from ..packing import PackedBlocks
 
 
 class BlockStream:
@@ -70,7 +71,7 @@ class BlockStream:
         total = int(self._counts.sum())
         if not total:
             return {}
-        out = {f"data/{d}/fraction": float(c) / total for d, c in zip(self.blocks.domains, self._counts, strict=True)}
+        out = {data_fraction(d): float(c) / total for d, c in zip(self.blocks.domains, self._counts, strict=True)}
         self._counts[:] = 0
         return out
 

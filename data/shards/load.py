@@ -11,12 +11,13 @@ import time
 
 from trainer.base.errors import UserError
 
-from . import sources
-from .config import DataConfig
-from .mixing import MixSchedule
-from .pipeline import DataBundle
-from .shards import ShardBlocks, ShardSet
-from .tokenize_shards import (
+from .. import sources
+from ..bundle import DataBundle
+from ..config import DataConfig
+from ..streams.schedule import MixSchedule
+from ..tokenizer import TextTokenizer, load_named_tokenizer
+from .store import ShardBlocks, ShardSet
+from .tokenize import (
     LAYOUT_ONLY,
     domain_dir,
     settings_differences,
@@ -24,7 +25,6 @@ from .tokenize_shards import (
     shards_root,
     tokenize_command,
 )
-from .tokenizer import TextTokenizer, load_named_tokenizer
 
 log = logging.getLogger(__name__)
 
