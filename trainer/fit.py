@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from data.pipeline import build_data
 from models import build_model, check_pretrained_source
-from trainer import checkpoint as ckpt
 from trainer.base.errors import UserError
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
+from trainer.checkpoint import files, full
 from trainer.engines import build_engine
 from trainer.loop import LoopState, TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
@@ -30,14 +30,14 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     """Which checkpoint to continue from; refuses to silently start over on top of an existing run."""
     wanted = cfg.run.resume
     if wanted is None:
-        existing = ckpt.list_full_checkpoints(run_dir)
+        existing = files.list_full_checkpoints(run_dir)
         if existing:
             raise UserError(f"{run_dir} already holds checkpoints (newest: step {existing[-1][0]}); "
                             "continue it with run.resume=auto, or start a new run with run.name=<other name>")
         return None
     if wanted == "auto":
-        found = ckpt.find_latest_checkpoint(run_dir)
-        if found is None and (existing := ckpt.list_full_checkpoints(run_dir)):
+        found = full.find_latest_checkpoint(run_dir)
+        if found is None and (existing := files.list_full_checkpoints(run_dir)):
             # Starting fresh here would train over the run's record and overwrite its checkpoints one by one.
             raise UserError(f"run.resume=auto: none of the checkpoints in {run_dir} loads (newest: "
                             f"{existing[-1][1].name}; see the warnings above); move them out of that directory to "
@@ -55,26 +55,26 @@ def settle_later_checkpoints(cfg: Config, run_dir: Path, step: int, is_main: boo
     """Deal with checkpoints of run_dir beyond the resumed step. keep_last_k keeps the highest steps and
     run.resume=auto takes the highest that loads, so left in place they would crowd out the resumed run's own
     checkpoints and be resumed from after its next stop, as if they were its own."""
-    later = [path for saved, path in ckpt.list_full_checkpoints(run_dir) if saved > step]
+    later = [path for saved, path in files.list_full_checkpoints(run_dir) if saved > step]
     if not later:
         return
     names = ", ".join(path.name for path in later)
     # Under auto these are the newer files find_latest_checkpoint skipped. One that does not even open is a save
     # cut short and can go; anything else (a rollback to an earlier path, a foreign file) is the user's to move.
-    if cfg.run.resume != "auto" or any(ckpt.opens(path) for path in later):
+    if cfg.run.resume != "auto" or any(full.opens(path) for path in later):
         raise UserError(f"{run_dir} holds checkpoints after step {step} ({names}), which run.resume=auto would "
                         "later pick over this run's own; move them out of that directory first, or resume into "
                         "another run.name")
     if is_main:
         log.warning("removing %s: newer than step %d but unreadable (a save cut short)", names, step)
-        ckpt.remove_full_checkpoints(later)
+        files.remove_full_checkpoints(later)
 
 
 def finished_summary(run_dir: Path, step: int, max_steps: int) -> dict | None:
     """summary.json of a run that completed at this step with its final model written; None otherwise
     (not yet at max_steps, or killed between its last checkpoint and its final snapshot)."""
     path = run_dir / "summary.json"
-    if step < max_steps or not path.is_file() or not ckpt.snapshot_paths(run_dir, "final-model")[0].is_file():
+    if step < max_steps or not path.is_file() or not files.snapshot_paths(run_dir, "final-model")[0].is_file():
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("status") == "completed" and summary.get("final_step") == step else None
@@ -99,7 +99,7 @@ def unchanged_finished_run(cfg: Config, run_dir: Path) -> dict | None:
     if cfg.checkpoint.save_final:
         # The final checkpoint and model must be there too: a user who deleted either to redo the tail from an
         # earlier checkpoint gets that.
-        checkpoints = ckpt.list_full_checkpoints(run_dir)
+        checkpoints = files.list_full_checkpoints(run_dir)
         return finished_summary(run_dir, checkpoints[-1][0], cfg.train.max_steps) if checkpoints else None
     # No final checkpoint or model was written. summary.json is written last, so "completed at this config's
     # max_steps" is the whole record of a finished run.
@@ -119,7 +119,7 @@ def rng_state_for(checkpoint: dict, engine) -> dict | None:
     """This process's RNG state from a checkpoint; None for a process the checkpoint has none for (the world
     grew), which keeps its own stream seeded with run.seed + rank: rank 0's state would make it draw the same
     dropout masks and router noise as rank 0 for the rest of the run."""
-    by_rank = ckpt.rng_states_by_rank(checkpoint)
+    by_rank = full.rng_states_by_rank(checkpoint)
     if len(by_rank) != engine.world_size and engine.is_main:
         log.warning("checkpoint was written by %d processes, this run has %d: processes beyond the checkpoint's "
                     "draw from fresh random streams, so dropout draws differ from the original run", len(by_rank),
@@ -135,7 +135,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     start_from = resume_path(cfg, run_dir)
     if engine.is_main:
-        ckpt.remove_stale_temporaries(run_dir)
+        files.remove_stale_temporaries(run_dir)
     finished = unchanged_finished_run(cfg, run_dir)
     if finished is not None:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
@@ -170,7 +170,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
 
     state = LoopState()
     if start_from is not None:
-        checkpoint = ckpt.load_full_checkpoint(
+        checkpoint = full.load_full_checkpoint(
             start_from, expected={"mode": model.architecture()["family"], "architecture": model.architecture()})
         saved_by = checkpoint.get("engine", "single")
         if (saved_by == "deepspeed") != (engine.name == "deepspeed"):

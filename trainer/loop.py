@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from eval.perplexity import evaluate
-from trainer import checkpoint as ckpt
 from trainer.callbacks import CallbackList
+from trainer.checkpoint import files, full, snapshots
 from trainer.rng import capture_rng_state
 from trainer.stop_signals import StopSignals
 
@@ -167,7 +167,7 @@ class TrainingLoop:
     def _identity(self) -> dict:
         """What both artifact kinds record about the run: the seed's identity keys plus the architecture."""
         architecture = self.engine.model.architecture()
-        return {"format_version": ckpt.FORMAT_VERSION, "step": self.state.step, "preset": self.cfg.run.preset,
+        return {"format_version": full.FORMAT_VERSION, "step": self.state.step, "preset": self.cfg.run.preset,
                 "mode": architecture["family"], "config": self.config_dict, "architecture": architecture}
 
     def _sidecar(self) -> dict:
@@ -177,7 +177,7 @@ class TrainingLoop:
 
     def _save_snapshot(self, stem: str) -> None:
         if self.engine.is_main:
-            ckpt.save_model_snapshot(self.run_dir, stem, self.engine.model.state_dict(), self._sidecar())
+            snapshots.save_model_snapshot(self.run_dir, stem, self.engine.model.state_dict(), self._sidecar())
 
     def save_checkpoint(self) -> None:
         step = self.state.step
@@ -194,10 +194,10 @@ class TrainingLoop:
                 "data_state": self.stream.state_dict(), "callback_state": self.callbacks.state_dict(),
                 "loop_state": self.state.to_checkpoint(), "engine": self.engine.name,
             }
-            ckpt.save_full_checkpoint(self.run_dir, step, payload)
+            full.save_full_checkpoint(self.run_dir, step, payload)
             self._save_snapshot(f"model-step-{step}")
-            ckpt.prune_full_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last_k)
+            files.prune_full_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last_k)
             if self.cfg.checkpoint.keep_last_snapshots is not None:
-                ckpt.prune_model_snapshots(self.run_dir, self.cfg.checkpoint.keep_last_snapshots)
+                files.prune_model_snapshots(self.run_dir, self.cfg.checkpoint.keep_last_snapshots)
         self.engine.barrier()
         self.last_saved_step = step

@@ -111,7 +111,7 @@ class Engine:
 
     def training_state(self) -> dict:
         """Model, optimizer (by parameter name) and scheduler state for a full checkpoint."""
-        from trainer.checkpoint import optimizer_state_to_named
+        from trainer.checkpoint.optimizer_state import optimizer_state_to_named
 
         named = dict(self.model.named_parameters())
         return {
@@ -124,7 +124,7 @@ class Engine:
         """Engines with their own checkpoint format (DeepSpeed) write it here; others keep all in the .pt."""
 
     def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
-        from trainer.checkpoint import optimizer_state_from_named
+        from trainer.checkpoint.optimizer_state import optimizer_state_from_named
 
         self.model.load_state_dict(checkpoint["model_state_dict"])
         named = dict(self.model.named_parameters())

@@ -16,20 +16,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint.files import deepspeed_dir, deepspeed_staging_dir
 from trainer.engines.distributed import DistributedEngine, backend_for
 
 NATIVE_TAG = "state"
-
-
-def native_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-step-{step}.deepspeed"
-
-
-def staging_dir(run_dir: Path, step: int) -> Path:
-    """Where ranks write a save before it is renamed to `native_dir`; a killed save's leftover is removed by
-    trainer.checkpoint.remove_stale_temporaries, whose pattern matches this name."""
-    final = native_dir(run_dir, step)
-    return final.with_name(final.name + ".tmp")
 
 
 def _free_port() -> int:
@@ -106,7 +96,7 @@ class DeepSpeedEngine(DistributedEngine):
                 "scheduler_state_dict": self.scheduler.state_dict()}
 
     def save_native(self, run_dir, step: int) -> None:
-        final, staging = native_dir(run_dir, step), staging_dir(run_dir, step)
+        final, staging = deepspeed_dir(run_dir, step), deepspeed_staging_dir(run_dir, step)
         if self.is_main and staging.exists():
             shutil.rmtree(staging)
         self.barrier()
@@ -133,9 +123,9 @@ class DeepSpeedEngine(DistributedEngine):
 
     def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
         from trainer.base.errors import UserError
-        from trainer.checkpoint import rng_states_by_rank
+        from trainer.checkpoint.full import rng_states_by_rank
 
-        directory = native_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
+        directory = deepspeed_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
         if not directory.is_dir():
             raise UserError(f"{checkpoint_path} was saved by DeepSpeed but {directory.name} is missing next to it; "
                             "resume from another checkpoint or with the engine that wrote it")
