@@ -345,7 +345,7 @@ def test_a_process_the_checkpoint_has_no_random_state_for_keeps_its_own_stream()
     the run."""
     from types import SimpleNamespace
 
-    from trainer.fit import rng_state_for
+    from trainer.checkpoint.checkpointer import rng_state_for
 
     def engine(rank: int, world_size: int) -> SimpleNamespace:
         return SimpleNamespace(rank=rank, world_size=world_size, is_main=rank == 0)
