@@ -15,7 +15,7 @@ import torch
 from data.tokenizer import load_saved_tokenizer
 from models.registry import FAMILIES, build_model, config_schema
 from trainer.base.errors import UserError
-from trainer.checkpoint import load_model_snapshot
+from trainer.checkpoint import BEST_MODEL, FINAL_MODEL, load_model_snapshot, snapshot_paths
 
 
 def load_snapshot_model(snapshot: str | Path):
@@ -37,9 +37,10 @@ def snapshot_in(path: Path) -> Path:
     """A snapshot path as given, or the one a run directory holds: its final model, else its best."""
     if not path.is_dir():
         return path
-    for stem in ("final-model", "best-model"):
-        if (path / f"{stem}.safetensors").is_file():
-            return path / f"{stem}.safetensors"
+    for stem in (FINAL_MODEL, BEST_MODEL):
+        weights, _ = snapshot_paths(path, stem)
+        if weights.is_file():
+            return weights
     raise UserError(f"{path} holds no final-model.safetensors or best-model.safetensors; pass a run directory "
                     "that finished an eval, or one of its model-step-<n>.safetensors")
 

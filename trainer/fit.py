@@ -8,106 +8,22 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from data.build import build_data
 from models.registry import build_model
-from trainer import checkpoint as ckpt
-from trainer.base.errors import UserError
 from trainer.base.metrics import EVAL_LOSS
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
+from trainer.checkpoint import FINAL_MODEL, Checkpointer, snapshot_paths
 from trainer.config.schema import Config
-from trainer.config.validate import record_config, resolved_yaml
+from trainer.config.validate import record_config
 from trainer.engines import build_engine
-from trainer.loop import LoopState, TrainingLoop
+from trainer.loop import TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rng import restore_rng_state, seed_everything
+from trainer.rng import seed_everything
+from trainer.run_state import LoopState
 from trainer.stop_signals import StopSignals
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    """Which checkpoint to continue from; refuses to silently start over on top of an existing run."""
-    wanted = cfg.run.resume
-    if wanted is None:
-        existing = ckpt.list_full_checkpoints(run_dir)
-        if existing:
-            raise UserError(f"{run_dir} already holds checkpoints (newest: step {existing[-1][0]}); "
-                            "continue it with run.resume=auto, or start a new run with run.name=<other name>")
-        return None
-    if wanted == "auto":
-        found = ckpt.find_latest_checkpoint(run_dir)
-        if found is None and (existing := ckpt.list_full_checkpoints(run_dir)):
-            # Starting fresh here would train over the run's record and overwrite its checkpoints one by one.
-            raise UserError(f"run.resume=auto: none of the checkpoints in {run_dir} loads (newest: "
-                            f"{existing[-1][1].name}; see the warnings above); move them out of that directory to "
-                            "start the run over, or start a new run with run.name=<other name>")
-        if found is None:
-            log.info("run.resume=auto: no checkpoint in %s, starting fresh", run_dir)
-        return found
-    path = Path(wanted)
-    if not path.is_file():
-        raise UserError(f"run.resume={wanted!r} is not a file; give a ckpt-step-<n>.pt path or run.resume=auto")
-    return path
-
-
-def settle_later_checkpoints(cfg: Config, run_dir: Path, step: int, is_main: bool) -> None:
-    """Deal with checkpoints of run_dir beyond the resumed step. keep_last_k keeps the highest steps and
-    run.resume=auto takes the highest that loads, so left in place they would crowd out the resumed run's own
-    checkpoints and be resumed from after its next stop, as if they were its own."""
-    later = [path for saved, path in ckpt.list_full_checkpoints(run_dir) if saved > step]
-    if not later:
-        return
-    names = ", ".join(path.name for path in later)
-    # Under auto these are the newer files find_latest_checkpoint skipped. One that does not even open is a save
-    # cut short and can go; anything else (a rollback to an earlier path, a foreign file) is the user's to move.
-    if cfg.run.resume != "auto" or any(ckpt.opens(path) for path in later):
-        raise UserError(f"{run_dir} holds checkpoints after step {step} ({names}), which run.resume=auto would "
-                        "later pick over this run's own; move them out of that directory first, or resume into "
-                        "another run.name")
-    if is_main:
-        log.warning("removing %s: newer than step %d but unreadable (a save cut short)", names, step)
-        ckpt.remove_full_checkpoints(later)
-
-
-def finished_summary(run_dir: Path, step: int, max_steps: int) -> dict | None:
-    """summary.json of a run that completed at this step with its final model written; None otherwise
-    (not yet at max_steps, or killed between its last checkpoint and its final snapshot)."""
-    path = run_dir / "summary.json"
-    if step < max_steps or not path.is_file() or not ckpt.snapshot_paths(run_dir, "final-model")[0].is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("status") == "completed" and summary.get("final_step") == step else None
-
-
-def _recorded_as(text: str) -> dict:
-    """A resolved config as data, without run.resume: re-launching with run.resume=auto is the same run."""
-    data = OmegaConf.to_container(OmegaConf.create(text))
-    data.get("run", {}).pop("resume", None)
-    return data
-
-
-def unchanged_finished_run(cfg: Config, run_dir: Path) -> dict | None:
-    """The summary of a completed run re-launched with run.resume=auto and the config it recorded (a sweep
-    re-run), found before data, model and optimizer are built. Anything else, a changed config included,
-    goes the long way: the checkpoint is loaded, and a changed architecture is refused."""
-    recorded, summary_path = run_dir / "resolved_config.yaml", run_dir / "summary.json"
-    if cfg.run.resume != "auto" or not recorded.is_file() or not summary_path.is_file():
-        return None
-    if _recorded_as(recorded.read_text()) != _recorded_as(resolved_yaml(cfg)):
-        return None
-    if cfg.checkpoint.save_final:
-        # The final checkpoint and model must be there too: a user who deleted either to redo the tail from an
-        # earlier checkpoint gets that.
-        checkpoints = ckpt.list_full_checkpoints(run_dir)
-        return finished_summary(run_dir, checkpoints[-1][0], cfg.train.max_steps) if checkpoints else None
-    # No final checkpoint or model was written. summary.json is written last, so "completed at this config's
-    # max_steps" is the whole record of a finished run.
-    summary = json.loads(summary_path.read_text())
-    done = summary.get("status") == "completed" and summary.get("final_step") == cfg.train.max_steps
-    return summary if done else None
 
 
 def _say_already_completed(step: int, max_steps: int) -> None:
@@ -117,28 +33,16 @@ def _say_already_completed(step: int, max_steps: int) -> None:
              "to train it longer", step, max_steps)
 
 
-def rng_state_for(checkpoint: dict, engine) -> dict | None:
-    """This process's RNG state from a checkpoint; None for a process the checkpoint has none for (the world
-    grew), which keeps its own stream seeded with run.seed + rank: rank 0's state would make it draw the same
-    dropout masks and router noise as rank 0 for the rest of the run."""
-    by_rank = ckpt.rng_states_by_rank(checkpoint)
-    if len(by_rank) != engine.world_size and engine.is_main:
-        log.warning("checkpoint was written by %d processes, this run has %d: processes beyond the checkpoint's "
-                    "draw from fresh random streams, so dropout draws differ from the original run", len(by_rank),
-                    engine.world_size)
-    return by_rank[engine.rank] if engine.rank < len(by_rank) else None
-
-
 def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     """Train one run in run_dir. `sweep` names the --multirun sweep it is a job of: its W&B group, the
     runs then named by their directories (0_moe-main, 1_moe-main, ...) rather than all by run.name."""
     started = time.time()
     engine = build_engine(cfg.hardware)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_from = resume_path(cfg, run_dir)
-    if engine.is_main:
-        ckpt.remove_stale_temporaries(run_dir)
-    finished = unchanged_finished_run(cfg, run_dir)
+    checkpointer = Checkpointer(cfg, run_dir, engine)
+    start_from = checkpointer.resume_source()
+    checkpointer.remove_stale_temporaries()
+    finished = checkpointer.completed_run()  # a finished sweep job, before data and model are built
     if finished is not None:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
         engine.close()
@@ -172,23 +76,9 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
 
     state = LoopState()
     if start_from is not None:
-        checkpoint = ckpt.load_full_checkpoint(
-            start_from, expected={"mode": model.architecture()["family"], "architecture": model.architecture()})
-        saved_by = checkpoint.get("engine", "single")
-        if (saved_by == "deepspeed") != (engine.name == "deepspeed"):
-            raise UserError(f"{start_from} was written by the {saved_by} engine, whose optimizer state this "
-                            f"{engine.name} run cannot read; resume with the hardware it was trained on")
-        settle_later_checkpoints(cfg, run_dir, int(checkpoint["step"]), engine.is_main)
-        engine.load_training_state(checkpoint, start_from)
-        stream.load_state_dict(checkpoint["data_state"])
-        callbacks.load_state_dict(checkpoint["callback_state"])
-        state.load(int(checkpoint["step"]), checkpoint["loop_state"])
-        rng_state = rng_state_for(checkpoint, engine)
-        if rng_state is not None:
-            restore_rng_state(rng_state)  # last: building consumed random numbers
-        log.info("resumed from %s at step %d", start_from, state.step)
-        finished = finished_summary(run_dir, state.step, cfg.train.max_steps)
-        if finished is not None:  # the same run under another, compatible config (another hardware.device)
+        checkpointer.restore(start_from, stream, callbacks, state)
+        finished = checkpointer.completed_run(state.step)  # the same run under another, compatible config
+        if finished is not None:
             _say_already_completed(state.step, cfg.train.max_steps)
             engine.close()
             return finished
@@ -207,7 +97,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
 
     # From here on SIGTERM or Ctrl-C stops the run at the next update, with a checkpoint (trainer/stop_signals.py).
     with StopSignals() as stop_signals:
-        loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, config_dict, state,
+        loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, checkpointer, state,
                             stop_signals=stop_signals)
         try:
             state = loop.run()
@@ -246,7 +136,7 @@ def describe_outputs(summary: dict) -> str:
                      f" (best {_number(summary['best_eval_loss'])})")
     lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / 'metrics.jsonl'}",
               f"  summary:       {run_dir / 'summary.json'}"]
-    final = run_dir / "final-model.safetensors"
+    final = snapshot_paths(run_dir, FINAL_MODEL)[0]
     if final.exists():
         lines.append(f"  final model:   {final}")
     return "\n".join(lines)

@@ -1,58 +1,37 @@
-"""The step loop: accumulate, clip, step, log, eval, checkpoint. It knows engines and ModelOutput, no model family."""
+"""The step loop: accumulate, clip, step, log, eval, checkpoint. It knows engines and ModelOutput, no model family;
+what a checkpoint holds and where it goes is the Checkpointer's."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from trainer import checkpoint as ckpt
 from trainer.base import metrics as keys
 from trainer.base.metrics import EvalMetrics, StepMetrics
 from trainer.callbacks import CallbackList
+from trainer.checkpoint import Checkpointer
 from trainer.evaluation import evaluate
-from trainer.rng import capture_rng_state
+from trainer.run_state import LoopState
 from trainer.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoopState:
-    step: int = 0  # optimizer updates done
-    tokens_seen: int = 0
-    best_eval_loss: float = math.inf
-    last_eval: dict[str, float] = field(default_factory=dict)
-    stop_reason: str | None = None
-    stopped_by_signal: bool = False  # a pre-emption or Ctrl-C stop: the run is unfinished, not done
-
-    def to_checkpoint(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "best_eval_loss": self.best_eval_loss,
-                "last_eval": dict(self.last_eval)}
-
-    def load(self, step: int, saved: dict) -> None:
-        self.step = step
-        self.tokens_seen = int(saved["tokens_seen"])
-        self.best_eval_loss = float(saved["best_eval_loss"])
-        self.last_eval = dict(saved["last_eval"])
-
-
 class TrainingLoop:
     def __init__(self, cfg, engine, stream, eval_sets, tracker, callbacks: CallbackList, run_dir: Path,
-                 config_dict: dict, state: LoopState | None = None, stop_signals: StopSignals | None = None):
+                 checkpointer: Checkpointer, state: LoopState | None = None, stop_signals: StopSignals | None = None):
         self.cfg, self.engine, self.stream, self.eval_sets = cfg, engine, stream, eval_sets
         self.stop_signals = stop_signals
         self.tracker, self.callbacks, self.run_dir = tracker, callbacks, run_dir
-        self.config_dict = config_dict
+        self.checkpointer = checkpointer
         self.state = state or LoopState()
         self.tokens_per_step = (cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
                                 * engine.world_size)
-        self.last_saved_step = self.state.step
 
     # -- one optimizer update ------------------------------------------------------------------------
     def train_step(self) -> tuple[StepMetrics, bool]:
@@ -107,8 +86,7 @@ class TrainingLoop:
             self._train_until_stop(bar)
         if state.stopped_by_signal:
             return state
-        if cfg.checkpoint.save_final:
-            self._save_snapshot("final-model")
+        self.checkpointer.save_final_model(state)
         if engine.is_main:
             self.callbacks.on_train_end(self.run_dir, EvalMetrics.from_flat(state.last_eval))
         return state
@@ -147,10 +125,9 @@ class TrainingLoop:
                 received = self.stop_signals.received or "a stop signal sent to another process"
                 state.stop_reason = f"{received} at step {state.step}: checkpoint saved, continue with run.resume=auto"
                 state.stopped_by_signal = True
-                self.save_checkpoint()
+                self.checkpointer.save(state, self.stream, self.callbacks)
                 break
-            if state.step % cfg.checkpoint.save_every == 0 or (final and cfg.checkpoint.save_final):
-                self.save_checkpoint()
+            self.checkpointer.save_if_due(state, self.stream, self.callbacks, final=final)
 
     def _eval(self) -> None:
         metrics = evaluate(self.engine, self.eval_sets, self.cfg.train.batch_size)
@@ -165,43 +142,4 @@ class TrainingLoop:
         loss = math.inf if metrics.loss is None else metrics.loss
         if loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
-            self._save_snapshot("best-model")
-
-    # -- artifacts -----------------------------------------------------------------------------------
-    def _identity(self) -> dict:
-        """What both artifact kinds record about the run: the seed's identity keys plus the architecture."""
-        architecture = self.engine.model.architecture()
-        return {"format_version": ckpt.FORMAT_VERSION, "step": self.state.step, "preset": self.cfg.run.preset,
-                "mode": architecture["family"], "config": self.config_dict, "architecture": architecture}
-
-    def _sidecar(self) -> dict:
-        return {**self._identity(),
-                "metrics_summary": {**self.state.last_eval, "best_eval_loss": self.state.best_eval_loss,
-                                    "tokens_seen": self.state.tokens_seen}}
-
-    def _save_snapshot(self, stem: str) -> None:
-        if self.engine.is_main:
-            ckpt.save_model_snapshot(self.run_dir, stem, self.engine.model.state_dict(), self._sidecar())
-
-    def save_checkpoint(self) -> None:
-        step = self.state.step
-        if step == self.last_saved_step and (self.run_dir / f"ckpt-step-{step}.pt").exists():
-            return
-        training_state = self.engine.training_state()
-        self.engine.save_native(self.run_dir, step)
-        # Every process draws its own dropout masks, so every process's RNG goes into the checkpoint.
-        rng_by_rank = self.engine.gather_object(capture_rng_state())
-        if self.engine.is_main:
-            payload = {
-                **self._identity(), **training_state, **rng_by_rank[0],
-                "rng_states_by_rank": rng_by_rank,
-                "data_state": self.stream.state_dict(), "callback_state": self.callbacks.state_dict(),
-                "loop_state": self.state.to_checkpoint(), "engine": self.engine.name,
-            }
-            ckpt.save_full_checkpoint(self.run_dir, step, payload)
-            self._save_snapshot(f"model-step-{step}")
-            ckpt.prune_full_checkpoints(self.run_dir, self.cfg.checkpoint.keep_last_k)
-            if self.cfg.checkpoint.keep_last_snapshots is not None:
-                ckpt.prune_model_snapshots(self.run_dir, self.cfg.checkpoint.keep_last_snapshots)
-        self.engine.barrier()
-        self.last_saved_step = step
+            self.checkpointer.save_best_model(self.state)

@@ -44,7 +44,7 @@ def autocast_context(device: torch.device, precision: str):
 
 
 class Engine:
-    """Single process on one device. Subclasses change how gradients are reduced and state is saved."""
+    """Single process on one device. Subclasses change how gradients are reduced and where optimizer state lives."""
 
     name = "single"
 
@@ -109,27 +109,18 @@ class Engine:
         """The same Python object from every process, in rank order (here: just this one)."""
         return [obj]
 
-    def training_state(self) -> dict:
-        """Model, optimizer (by parameter name) and scheduler state for a full checkpoint."""
-        from trainer.checkpoint import optimizer_state_to_named
+    def model_state_dict(self) -> dict:
+        """The model's weights as a full checkpoint keeps them."""
+        return self.model.state_dict()
 
-        named = dict(self.model.named_parameters())
-        return {
-            "model_state_dict": self.model.state_dict(),
-            "optimizer_state_dict": optimizer_state_to_named(self.optimizer, named),
-            "scheduler_state_dict": self.scheduler.state_dict(),
-        }
+    def save_native(self, directory, tag: str) -> None:
+        """Engines with their own sharded state (DeepSpeed) write it under `directory`/`tag`, every process
+        taking part; the others keep everything in the model, optimizer and scheduler."""
+        raise NotImplementedError(f"the {self.name} engine has no native state; save its optimizer instead")
 
-    def save_native(self, run_dir, step: int) -> None:
-        """Engines with their own checkpoint format (DeepSpeed) write it here; others keep all in the .pt."""
-
-    def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
-        from trainer.checkpoint import optimizer_state_from_named
-
-        self.model.load_state_dict(checkpoint["model_state_dict"])
-        named = dict(self.model.named_parameters())
-        optimizer_state_from_named(self.optimizer, checkpoint["optimizer_state_dict"], named)
-        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+    def load_native(self, directory, tag: str) -> None:
+        """Read back what save_native wrote (weights, optimizer and scheduler), every process taking part."""
+        raise NotImplementedError(f"the {self.name} engine has no native state; load its optimizer instead")
 
     def close(self) -> None:
         pass

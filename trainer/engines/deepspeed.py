@@ -2,34 +2,19 @@
 
 DeepSpeed owns gradient accumulation, reduction, clipping and (in bf16) the master weights, so its config
 gets our micro-batch, accumulation and clip values and *no* optimizer or scheduler section: ours are
-handed to deepspeed.initialize and stay the single source of training behaviour. Resume state lives in
-DeepSpeed's own sharded format (`ckpt-step-<n>.deepspeed/`), next to the portable `ckpt-step-<n>.pt`
-(weights, RNG, data position) and the safetensors snapshots.
+handed to deepspeed.initialize and stay the single source of training behaviour. Optimizer state lives in
+DeepSpeed's own sharded format, saved and loaded here as a whole directory; where that directory goes and
+which checkpoints it can resume from are trainer.checkpoint's to decide.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-from pathlib import Path
 
 import torch
 
 from trainer.engines.distributed import DistributedEngine, backend_for
-
-NATIVE_TAG = "state"
-
-
-def native_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-step-{step}.deepspeed"
-
-
-def staging_dir(run_dir: Path, step: int) -> Path:
-    """Where ranks write a save before it is renamed to `native_dir`; a killed save's leftover is removed by
-    trainer.checkpoint.remove_stale_temporaries, whose pattern matches this name."""
-    final = native_dir(run_dir, step)
-    return final.with_name(final.name + ".tmp")
 
 
 def _free_port() -> int:
@@ -98,25 +83,16 @@ class DeepSpeedEngine(DistributedEngine):
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def training_state(self) -> dict:
-        # Sharded optimizer state stays in DeepSpeed's directory; the .pt points at it.
-        state = {k: v.detach().float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-        return {"model_state_dict": state,
-                "optimizer_state_dict": {"deepspeed_checkpoint_tag": NATIVE_TAG},
-                "scheduler_state_dict": self.scheduler.state_dict()}
+    def model_state_dict(self) -> dict:
+        # In bf16 DeepSpeed casts the module itself; a full checkpoint keeps fp32 weights all the same.
+        return {k: v.detach().float() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
 
-    def save_native(self, run_dir, step: int) -> None:
-        final, staging = native_dir(run_dir, step), staging_dir(run_dir, step)
-        if self.is_main and staging.exists():
-            shutil.rmtree(staging)
-        self.barrier()
-        self.ds.save_checkpoint(str(staging), tag=NATIVE_TAG)
-        self.barrier()
-        if self.is_main:  # one rename: the directory appears complete or not at all
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        self.barrier()
+    def save_native(self, directory, tag: str) -> None:
+        self.ds.save_checkpoint(str(directory), tag=tag)
+
+    def load_native(self, directory, tag: str) -> None:
+        self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.scheduler.sync_optimizer_lr()  # the ZeRO optimizer state may load after the scheduler's
 
     def close(self) -> None:
         # DeepSpeed's own teardown, not just torch's: deepspeed.comm also drops the process groups that
@@ -130,28 +106,3 @@ class DeepSpeedEngine(DistributedEngine):
             self.ds = self.forward_module = None
         if deepspeed.comm.is_initialized():
             deepspeed.comm.destroy_process_group()
-
-    def load_training_state(self, checkpoint: dict, checkpoint_path) -> None:
-        from trainer.base.errors import UserError
-        from trainer.checkpoint import rng_states_by_rank
-
-        directory = native_dir(Path(checkpoint_path).parent, int(checkpoint["step"]))
-        if not directory.is_dir():
-            raise UserError(f"{checkpoint_path} was saved by DeepSpeed but {directory.name} is missing next to it; "
-                            "resume from another checkpoint or with the engine that wrote it")
-        # ZeRO (stage >= 1) saves each process's partition of the optimizer state and cannot re-partition it
-        # for another world size; DeepSpeed would only say so in a traceback, after loading the weights.
-        saved_world = len(rng_states_by_rank(checkpoint))
-        saved_stage, stage = checkpoint["config"]["hardware"]["deepspeed"]["zero_stage"], self.hw.deepspeed.zero_stage
-        if (saved_stage > 0) != (stage > 0):  # stages 1 and 2 share one optimizer state format; 0 has its own
-            raise UserError(f"{checkpoint_path} holds the optimizer state of hardware.deepspeed.zero_stage="
-                            f"{saved_stage}, which zero_stage={stage} cannot read; resume with "
-                            f"hardware.deepspeed.zero_stage={saved_stage}")
-        if saved_stage > 0 and saved_world != self.world_size:
-            raise UserError(f"{checkpoint_path} holds ZeRO-{saved_stage} optimizer state partitioned over "
-                            f"{saved_world} process(es), which DeepSpeed cannot re-partition for this run's "
-                            f"{self.world_size}; resume with {saved_world} process(es) in all (one machine: "
-                            f"torchrun --nproc_per_node={saved_world})")
-        self.ds.load_checkpoint(str(directory), tag=NATIVE_TAG, load_optimizer_states=True,
-                                load_lr_scheduler_states=True)
-        self.scheduler.sync_optimizer_lr()  # the ZeRO optimizer state may load after the scheduler's
