@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import build_model
+from models.registry import build_model
 from tests.conftest import TINY, TINY_GPT2, compose_validated
 from trainer.base.callbacks import Callback
 from trainer.base.errors import UserError
