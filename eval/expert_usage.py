@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from models.moe.figures import plot_expert_usage
 
-    print(plot_expert_usage(evaluation, layers, args.out or args.run_dir / "figures" / "expert_usage.png"))
+    written = plot_expert_usage(evaluation, layers, args.out or args.run_dir / "figures" / "expert_usage.png")
+    if written is None:
+        print(f"error: the last eval of {args.run_dir} has no per-domain routing statistics", file=sys.stderr)
+        return 2
+    print(written)
     return 0
 
 

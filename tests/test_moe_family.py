@@ -18,7 +18,7 @@ from models.registry import build_model
 from tests.conftest import assert_ok, tiny_run
 from tests.test_train_e2e import assert_same_weights, metrics, train_losses
 from trainer.base.errors import UserError
-from trainer.base.metrics import StepMetrics
+from trainer.base.metrics import EvalMetrics, StepMetrics
 from trainer.optim import parameter_groups
 
 # A 2-block model with experts in its last block: the seed's layout in miniature.
@@ -238,3 +238,16 @@ def test_collapse_stop_fails_loudly_when_the_model_stops_reporting_it(monkeypatc
     detector = CollapseDetector(moe.moe_layers, check_every=1, threshold=0.6, patience=1)
     with pytest.raises(RuntimeError, match="reported no routing statistic 'layer1/fraction'.*layer1/usage"):
         detector.on_step_end(1, _step_metrics(moe))
+
+
+def test_expert_usage_figure_skips_domains_evaluated_without_routing(tmp_path):
+    """Under torchrun, a domain with fewer eval blocks than processes is evaluated without routing statistics: the
+    figure draws the others. A domain whose routing lacks the fractions is a bug and stops the figure loudly."""
+    from models.moe.figures import plot_expert_usage
+
+    evaluation = EvalMetrics.from_flat({"eval/loss": 3.0, "eval/code/loss": 3.0, "eval/math/loss": 3.1,
+                                        **{f"eval/code/router/layer1/fraction/{e}": 0.25 for e in range(4)}})
+    assert plot_expert_usage(evaluation, [1], tmp_path / "usage.png").stat().st_size > 1000
+    assert plot_expert_usage(EvalMetrics.from_flat({"eval/code/loss": 3.0}), [1], tmp_path / "none.png") is None
+    with pytest.raises(RuntimeError, match="reported no routing statistic 'layer2/fraction'"):
+        plot_expert_usage(evaluation, [1, 2], tmp_path / "bad.png")

@@ -15,13 +15,17 @@ from trainer.base.metrics import EvalMetrics
 
 
 def usage_by_domain(evaluation: EvalMetrics, moe_layers: list[int]) -> dict[str, np.ndarray]:
-    """{domain: [layers x experts] fractions}, rows in `moe_layers` order."""
+    """{domain: [layers x experts] fractions}, rows in `moe_layers` order. A domain with no routing statistics
+    at all is left out: under torchrun, one with fewer eval blocks than processes is evaluated without them."""
     return {domain: np.array([expert_shares(result.routing, layer) for layer in moe_layers])
-            for domain, result in sorted(evaluation.domains.items())}
+            for domain, result in sorted(evaluation.domains.items()) if result.routing}
 
 
-def plot_expert_usage(evaluation: EvalMetrics, moe_layers: list[int], path: Path) -> Path:
+def plot_expert_usage(evaluation: EvalMetrics, moe_layers: list[int], path: Path) -> Path | None:
+    """The figure at `path`; None when no domain of this eval carries routing statistics."""
     tables = usage_by_domain(evaluation, moe_layers)
+    if not tables:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training machines
