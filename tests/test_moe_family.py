@@ -208,7 +208,7 @@ def _collapsed_moe():
 def _step_metrics(moe) -> StepMetrics:
     """What the loop hands callbacks after an update of this model (one micro-batch, one process)."""
     out = moe(torch.randint(0, 300, (2, 16)))
-    return StepMetrics({"train/loss": float(out.loss)},
+    return StepMetrics({"train/loss": float(out.loss.detach())},
                        routing={k: v.tolist() if v.numel() > 1 else float(v) for k, v in out.routing.items()})
 
 
