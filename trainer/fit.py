@@ -21,7 +21,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import seed_everything
 from trainer.run_state import LoopState
 from trainer.stop_signals import StopSignals
-from trainer.tracking import Tracker
+from trainer.tracking import METRICS_FILE, SUMMARY_FILE, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def describe_outputs(summary: dict) -> str:
     if summary["final_eval"]:
         lines.append(f"  eval loss {_number(summary['final_eval'].get(EVAL_LOSS))}"
                      f" (best {_number(summary['best_eval_loss'])})")
-    lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / 'metrics.jsonl'}",
-              f"  summary:       {run_dir / 'summary.json'}"]
+    lines += [f"  run directory: {run_dir}", f"  metrics:       {run_dir / METRICS_FILE}",
+              f"  summary:       {run_dir / SUMMARY_FILE}"]
     final = snapshot_paths(run_dir, FINAL_MODEL)[0]
     if final.exists():
         lines.append(f"  final model:   {final}")

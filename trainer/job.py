@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.config.validate import record_config, validate
+from trainer.config.validate import RECORDED_CONFIG, record_config, validate
 
 
 def run_job(cfg: DictConfig) -> dict:
@@ -49,7 +49,7 @@ def run_job(cfg: DictConfig) -> dict:
 
 # What one launch puts in its run directory before it trains: Hydra's record of the launch, Hydra's log file,
 # and (once train() accepts the directory) the resolved config. Nothing a user would want back from a refusal.
-LAUNCH_BOOKKEEPING = (".hydra", "run.log", "resolved_config.yaml")
+LAUNCH_BOOKKEEPING = (".hydra", "run.log", RECORDED_CONFIG)
 
 
 def holds_no_earlier_run(run_dir: Path) -> bool:

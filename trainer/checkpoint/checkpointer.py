@@ -31,7 +31,7 @@ from trainer.checkpoint.full import (
 from trainer.checkpoint.optimizer_state import optimizer_state_from_named, optimizer_state_to_named
 from trainer.checkpoint.snapshots import save_model_snapshot
 from trainer.config.schema import Config
-from trainer.config.validate import resolved_yaml
+from trainer.config.validate import RECORDED_CONFIG, resolved_yaml
 from trainer.rng import capture_rng_state, restore_rng_state
 from trainer.tracking import SUMMARY_FILE
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 # under this tag (DeepSpeed's sub-directory name); the .pt's optimizer_state_dict names the tag.
 DEEPSPEED = "deepspeed"
 DEEPSPEED_TAG = "state"
-RECORDED_CONFIG = "resolved_config.yaml"  # trainer.config.validate.record_config writes it
 
 
 def rng_state_for(checkpoint: dict, engine) -> dict | None:

@@ -20,6 +20,8 @@ from trainer.base.errors import UserError
 from trainer.config.explain import explain_merge
 from trainer.config.schema import Config, check_run_name, check_trainer
 
+RECORDED_CONFIG = "resolved_config.yaml"  # a run's record of the config it was trained with
+
 
 def register_schemas() -> None:
     """Put the schema in Hydra's ConfigStore so keys and types are checked while composing, and let Hydra's run
@@ -73,4 +75,4 @@ def resolved_yaml(config: Config) -> str:
 def record_config(config: Config, run_dir: Path) -> None:
     """resolved_config.yaml: the validated config a run directory's checkpoints (or shards) were made with.
     Training writes it once the run is accepted, so a refused launch cannot overwrite it."""
-    atomic_write_bytes(Path(run_dir) / "resolved_config.yaml", resolved_yaml(config).encode())
+    atomic_write_bytes(Path(run_dir) / RECORDED_CONFIG, resolved_yaml(config).encode())
