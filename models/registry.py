@@ -2,8 +2,9 @@
 
 A family is a package `models/<family>/` (or any importable package) with
 - `config.py`: `SCHEMA`, its config dataclass (a models.family.ModelConfig: keys, defaults, rules), torch-free;
-- `model.py`: `build(model_cfg, vocab_size, eos_id) -> nn.Module` whose forward(input_ids, document_ids=None)
-  returns models.output.ModelOutput, and which offers `architecture()` (what a checkpoint must match),
+- `model.py`: `build(model_cfg, vocab_size, eos_id) -> nn.Module` whose forward(input_ids, document_ids=None,
+  labels=None) returns models.output.ModelOutput (the batch contract: trainer/base/batch.py; lm_loss is the mean
+  over scored targets, 0 when there are none), and which offers `architecture()` (what a checkpoint must match),
   `no_weight_decay()` and `callbacks(cfg)` (schedules, monitors and figures, trainer.base.callbacks.Callback).
 Adding a family: its folder, one line in FAMILIES, and conf/model/<family>.yaml (`defaults: [/schema/model/
 <family>@_here_, _self_]`). The loop reaches families only through here.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainer.base.batch import scored_tokens
 from trainer.base.metrics import DomainEval, EvalMetrics, perplexity
 
 
@@ -26,7 +27,7 @@ def evaluate(engine, eval_sets: dict, batch_size: int) -> EvalMetrics:
             idx = mine[start:start + batch_size]
             batch = {k: v.to(engine.device) for k, v in blocks.batch(idx).items()}
             out = engine.eval_forward(batch)
-            predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+            predicted = scored_tokens(batch)  # the batch's mean loss is over these (assistant tokens in SFT)
             sums += torch.tensor([float(out.lm_loss) * predicted, predicted], dtype=torch.float64)
             for key, value in out.routing.items():
                 weighted = value.detach().double().cpu().reshape(-1) * predicted

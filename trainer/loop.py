@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.base import metrics as keys
+from trainer.base.batch import scored_per_row, scored_tokens
 from trainer.base.metrics import EvalMetrics, StepMetrics
 from trainer.callbacks import CallbackList
 from trainer.checkpoint import Checkpointer
@@ -34,32 +35,58 @@ class TrainingLoop:
                                 * engine.world_size)
 
     # -- one optimizer update ------------------------------------------------------------------------
+    def _scored_share(self, batches: list[dict]) -> tuple[list[float], dict[str, float]]:
+        """Each micro-batch's share of the update's scored targets, over every process, and what is logged of
+        them. The LM loss of an update is the mean over all its scored tokens (an SFT batch scores only
+        assistant tokens, a different number per micro-batch), not a mean of per-micro-batch means. Without
+        labels every micro-batch scores B * (T - 1) targets, so each share is 1 / (accum * world) and no
+        reduction is needed."""
+        world = self.engine.world_size
+        scored = [scored_tokens(b) for b in batches]
+        if not any("labels" in b for b in batches):
+            return [n / (sum(scored) * world) for n in scored], {}
+        empty = sum(int((scored_per_row(b) == 0).sum()) for b in batches)
+        totals = self.engine.all_reduce_sum(torch.tensor([sum(scored), empty], dtype=torch.float64,
+                                                         device=self.engine.device)).cpu()
+        total, empty_total = float(totals[0]), float(totals[1])
+        # A block whose labels are all masked adds nothing to the loss and is counted; an update with no
+        # scored token at all (never, with packed SFT data) contributes no gradient rather than a NaN.
+        return [n / max(total, 1.0) for n in scored], {keys.SCORED_TOKENS: total,
+                                                       keys.BLOCKS_WITHOUT_TARGETS: empty_total}
+
     def train_step(self) -> tuple[StepMetrics, bool]:
         """One update; returns its metrics and whether any process has been asked to stop (see StopSignals)."""
         engine, accum = self.engine, self.cfg.train.grad_accum_steps
-        sums: dict[str, torch.Tensor] = {}  # flat keys of the scalars logged every step
+        batches = [self.stream.next_batch() for _ in range(accum)]
+        shares, counted = self._scored_share(batches)
+        even = 1.0 / (accum * engine.world_size)  # the weight of a per-micro-batch value in the update's mean
+        sums: dict[str, torch.Tensor] = {}  # flat keys of the scalars logged every step, as summands of means
         routing: dict[str, torch.Tensor] = {}  # the model's routing statistics, by its own names
-        for micro in range(accum):
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in self.stream.next_batch().items()}
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             with engine.micro_step(is_last=micro == accum - 1):
                 out = engine.forward(batch)
-                engine.backward(out.loss / accum)
-            parts = {keys.TRAIN_LOSS: out.loss, keys.TRAIN_LM_LOSS: out.lm_loss,
-                     **{keys.aux_loss(k): v for k, v in out.aux_losses.items()},
-                     **{keys.train_metric(k): v for k, v in out.metrics.items()}}
-            for into, values in ((sums, parts), (routing, out.routing)):
+                aux = sum(out.aux_losses.values()) if out.aux_losses else None
+                lm = out.lm_loss * shares[micro]
+                # x world: DDP and DeepSpeed average gradients over processes, the shares sum to 1 over them.
+                engine.backward(lm * engine.world_size + (aux * (1.0 / accum) if aux is not None else 0.0))
+            parts = {keys.TRAIN_LOSS: lm + aux * even if aux is not None else lm, keys.TRAIN_LM_LOSS: lm,
+                     **{keys.aux_loss(k): v * even for k, v in out.aux_losses.items()},
+                     **{keys.train_metric(k): v * even for k, v in out.metrics.items()}}
+            for into, values in ((sums, parts), (routing, {k: v * even for k, v in out.routing.items()})):
                 for key, value in values.items():
                     value = value.detach().float()
                     into[key] = into[key] + value if key in into else value
         grad_norm = engine.optimizer_step()
-        # One reduction for everything logged, scalars and per-expert vectors alike: values are means over
-        # micro-batches and processes. Every process thus sees the same metrics, so callbacks that stop the
-        # run on them (collapse, non-finite loss) decide the same on every rank; a rank that stopped alone
-        # would leave the others waiting in a collective forever. The reduction also carries this process's
-        # stop flag, so every process learns of a signal any one of them got, at the same update.
+        # One reduction for everything logged, scalars and per-expert vectors alike: each summand is already
+        # weighted, so the sum is the mean over micro-batches and processes. Every process thus sees the same
+        # metrics, so callbacks that stop the run on them (collapse, non-finite loss) decide the same on every
+        # rank; a rank that stopped alone would leave the others waiting in a collective forever. The
+        # reduction also carries this process's stop flag, so every process learns of a signal any one of
+        # them got, at the same update.
         named = [*sums.items(), *routing.items()]
         flat = [value.reshape(-1) for _, value in named]
-        stacked = torch.cat(flat) / (accum * engine.world_size)
+        stacked = torch.cat(flat)
         asked_to_stop = self.stop_signals is not None and self.stop_signals.received is not None
         stacked = engine.all_reduce_sum(torch.cat([stacked, stacked.new_tensor([float(asked_to_stop)])])).cpu()
         stacked, stop_votes = stacked[:-1], float(stacked[-1])
@@ -70,6 +97,7 @@ class TrainingLoop:
         for stat, value in step_routing.items():  # per-expert fractions and the like, logged element-wise
             logged.update(keys.flatten(keys.router(stat), value))
         logged[keys.GRAD_NORM] = grad_norm
+        logged.update(counted)
         logged.update(self.stream.pop_metrics())  # the domain mix this update actually trained on
         return StepMetrics(logged=logged, routing=step_routing), stop_votes > 0
 

@@ -8,6 +8,7 @@ from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2LMHeadModel
 
 from models.output import ModelOutput, lm_output
+from trainer.base.batch import IGNORE_INDEX
 from trainer.base.errors import UserError
 
 
@@ -28,6 +29,15 @@ def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def lm_targets(input_ids: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """transformers' loss arguments (it shifts labels itself). Without labels every next token is scored, its
+    mean as before; with labels (IGNORE_INDEX where no loss) the sum is divided by the scored count, clamped to
+    1: a batch with nothing to score gives a 0 that still has a graph, where transformers' mean gives NaN."""
+    if labels is None:
+        return {"labels": input_ids}
+    return {"labels": labels, "num_items_in_batch": (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)}
+
+
 def gpt2_architecture(hf: GPT2LMHeadModel) -> dict:
     c = hf.config
     return {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
@@ -41,10 +51,11 @@ class DenseGPT2(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
         # Packed blocks hold several documents; dense GPT-2 attends across them (masking comes with
-        # the attention backends of a later family). Labels equal inputs: GPT-2 shifts internally.
-        out = self.hf(input_ids=input_ids, labels=input_ids)
+        # the attention backends of a later family).
+        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels))
         return lm_output(out.loss)
 
     def architecture(self) -> dict:

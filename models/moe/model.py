@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models.gpt2.model import DenseGPT2, load_gpt2
+from models.gpt2.model import DenseGPT2, lm_targets, load_gpt2
 from models.moe import stats
 from models.moe.callbacks import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
 from models.moe.layer import MoEFeedForward
@@ -40,8 +40,9 @@ class MoEGPT2(DenseGPT2):
         for layer in self.moe_modules():
             layer.router.noise_std = std
 
-    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
-        out = self.hf(input_ids=input_ids, labels=input_ids)
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
+        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels))
         auxes = [layer.last_aux for layer in self.moe_modules()]
         lb = torch.stack([a["lb_loss"] for a in auxes]).mean()
         z = torch.stack([a["z_loss"] for a in auxes]).mean()

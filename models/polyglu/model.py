@@ -44,8 +44,9 @@ class PolyGLULM(nn.Module):
         for ffn in self.ffns():
             ffn.tau = tau
 
-    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
-        loss, _ = self.net(input_ids, document_ids=document_ids, labels=input_ids)
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
+        loss, _ = self.net(input_ids, document_ids=document_ids, labels=input_ids if labels is None else labels)
         ffns = self.ffns()
         dynamic = [f.last_routing["entropy"] for f in ffns]
         routing = {stats.dynamic_entropy(i): e for i, e in enumerate(dynamic)}

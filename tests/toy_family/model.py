@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.output import ModelOutput, lm_output
+from trainer.base.batch import IGNORE_INDEX
 from trainer.base.callbacks import Callback
 
 GATE_SHARE = "gate_share"  # routing statistic: [2], the mean gate weight of each map
@@ -36,13 +37,16 @@ class ToyLM(nn.Module):
         self.gate = nn.Linear(cfg.d_model, 2)
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
         x = self.embed(input_ids)
         gate = self.gate(x).softmax(dim=-1)  # [B, T, 2]
         a, b = self.maps(x).chunk(2, dim=-1)
         h = torch.tanh(gate[..., :1] * a + gate[..., 1:] * b)
         logits = self.head(h)[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), input_ids[:, 1:].reshape(-1))
+        targets = (input_ids if labels is None else labels)[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), reduction="sum")
+        loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return lm_output(loss, routing={GATE_SHARE: gate.detach().reshape(-1, 2).mean(dim=0)})
 
     def architecture(self) -> dict:

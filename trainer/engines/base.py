@@ -37,6 +37,14 @@ def _cpu_instead(hw: HardwareConfig) -> str:
     return "hardware.device=auto or cpu" if hw.name == "cpu" else "hardware=cpu, or hardware.device=auto"
 
 
+MODEL_INPUTS = ("input_ids", "document_ids", "labels")  # a batch's keys a model's forward takes (domain_ids is not)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a model's forward takes from a batch (trainer/base/batch.py): labels only when the data has them."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -70,12 +78,12 @@ class Engine:
 
     def forward(self, batch: dict[str, torch.Tensor]):
         with autocast_context(self.device, self.hw.precision):
-            return self.forward_module(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+            return self.forward_module(**model_inputs(batch))
 
     def eval_forward(self, batch: dict[str, torch.Tensor]):
         """Forward through the unwrapped model: no gradient sync, same precision as training."""
         with autocast_context(self.device, self.hw.precision):
-            return self.model(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+            return self.model(**model_inputs(batch))
 
     def micro_step(self, is_last: bool):
         """Context for one micro-batch's forward+backward (DDP skips the all-reduce until the last)."""

@@ -14,6 +14,7 @@ import socket
 
 import torch
 
+from trainer.engines.base import model_inputs
 from trainer.engines.distributed import DistributedEngine, backend_for
 
 
@@ -65,10 +66,10 @@ class DeepSpeedEngine(DistributedEngine):
 
     def forward(self, batch):
         # DeepSpeed casts the module to bf16 itself when enabled, so no autocast on top.
-        return self.forward_module(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+        return self.forward_module(**model_inputs(batch))
 
     def eval_forward(self, batch):
-        return self.model(input_ids=batch["input_ids"], document_ids=batch["document_ids"])
+        return self.model(**model_inputs(batch))
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already divided by grad_accum_steps; DeepSpeed must not divide again. step() after every
