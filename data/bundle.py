@@ -24,6 +24,12 @@ class DataBundle:
     train_by_domain: dict[str, Any] = field(default_factory=dict)
     mix: MixSchedule | None = None  # set: MixedStream with these weights; None: BlockStream over `train`
 
+    def train_blocks(self) -> int:
+        """How many training blocks one pass over the data (an epoch) holds."""
+        if self.train_by_domain:
+            return sum(len(blocks) for blocks in self.train_by_domain.values())
+        return len(self.train) if self.train is not None else 0
+
     def train_stream(self, batch_size: int, seed: int, rank: int, world_size: int, micro_steps_per_update: int,
                      max_steps: int) -> BlockStream | MixedStream:
         """The resumable training stream: a scheduled domain mix when there is one, else shuffled blocks."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,8 @@ from models.registry import build_model
 from trainer.base.metrics import EVAL_LOSS
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.checkpoint import FINAL_MODEL, Checkpointer, snapshot_paths
-from trainer.config.schema import Config
+from trainer.checkpoint.init_from import InitSource, find_init_source, load_initial_weights
+from trainer.config.schema import Config, check_warmup
 from trainer.config.validate import record_config
 from trainer.engines import build_engine
 from trainer.loop import TrainingLoop
@@ -33,6 +35,25 @@ def _say_already_completed(step: int, max_steps: int) -> None:
              "to train it longer", step, max_steps)
 
 
+def use_source_tokenizer(cfg: Config, source: InitSource) -> None:
+    """run.init_from's weights index the source run's vocabulary: the data is tokenized with its tokenizer."""
+    wanted = str(source.tokenizer_dir)
+    if cfg.data.tokenizer.name not in ("bpe", wanted):
+        log.warning("data.tokenizer.name=%s is replaced by %s: run.init_from's weights were trained with that "
+                    "tokenizer", cfg.data.tokenizer.name, wanted)
+    cfg.data.tokenizer.name = wanted
+
+
+def steps_from_epochs(cfg: Config, train_blocks: int, world_size: int) -> None:
+    """train.epochs -> train.max_steps: whole updates covering that many passes over the training blocks (the
+    last update tops up from the next shuffled pass)."""
+    per_update = cfg.train.batch_size * cfg.train.grad_accum_steps * world_size
+    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * train_blocks / per_update))
+    log.info("train.epochs=%g over %d training blocks at %d blocks per update: train.max_steps=%d", cfg.train.epochs,
+             train_blocks, per_update, cfg.train.max_steps)
+    check_warmup(cfg)
+
+
 def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     """Train one run in run_dir. `sweep` names the --multirun sweep it is a job of: its W&B group, the
     runs then named by their directories (0_moe-main, 1_moe-main, ...) rather than all by run.name."""
@@ -47,10 +68,9 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
         _say_already_completed(finished["final_step"], cfg.train.max_steps)
         engine.close()
         return finished
-    if engine.is_main and start_from is None:
-        record_config(cfg, run_dir)
-    config_dict = asdict(cfg)
-
+    init_source = find_init_source(cfg.run.init_from) if cfg.run.init_from else None
+    if init_source is not None:
+        use_source_tokenizer(cfg, init_source)
     cfg.model.check_sources()  # offline, a hub model fails before the data is prepared, not after
     seed_everything(cfg.run.seed)
     # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
@@ -59,8 +79,18 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     data = build_data(cfg.data, seed=cfg.data.split_seed)
     if engine.is_main:
         engine.barrier()
+    if cfg.train.epochs is not None:
+        steps_from_epochs(cfg, data.train_blocks(), engine.world_size)
+    if engine.is_main and start_from is None:
+        record_config(cfg, run_dir)
+    config_dict = asdict(cfg)
 
     model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
+    if init_source is not None and start_from is None:
+        checkpointer.init_from = load_initial_weights(model, init_source)
+    elif init_source is not None:
+        log.info("run.init_from=%s is not loaded: the run continues from its own checkpoint %s", cfg.run.init_from,
+                 start_from)
     model.to(engine.device)
     if engine.rank > 0:
         # Same initial weights on every process (above), but from here on each draws its own dropout
@@ -113,6 +143,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
                 "wall_time_s": time.time() - started, "wandb_mode": tracker_mode, "run_dir": str(run_dir),
                 "world_size": engine.world_size, "engine": engine.name,
                 "n_parameters": sum(p.numel() for p in model.parameters()),
+                "epochs": cfg.train.epochs, "init_from": checkpointer.init_from,
             }
             if engine.is_main:
                 tracker.write_summary(summary)

@@ -9,6 +9,7 @@ total = lm + lb_coef * lb + z_coef * z.
 from __future__ import annotations
 
 import torch
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from models.gpt2.model import DenseGPT2, lm_targets, load_gpt2
 from models.moe import stats
@@ -19,6 +20,8 @@ from models.output import ModelOutput, lm_output
 
 class MoEGPT2(DenseGPT2):
     family = "moe"
+    # run.init_from may start it from a dense GPT-2 run of the same sizes (sparse upcycling), or an MoE run.
+    initial_families = ("moe", "dense")
 
     def __init__(self, hf, model_cfg):
         super().__init__(hf)
@@ -32,6 +35,30 @@ class MoEGPT2(DenseGPT2):
             block.mlp = MoEFeedForward.from_gpt2_mlp(block.mlp, num_experts=self.num_experts, topk=self.topk,
                                                      noise_std=model_cfg.noise_std,
                                                      perturbation=model_cfg.expert_perturbation)
+
+    def load_initial_state(self, state: dict[str, torch.Tensor], architecture: dict) -> None:
+        """run.init_from's weights. A dense GPT-2's (sparse upcycling): the shared GPT-2 base loads as it is,
+        and each MoE block's experts start as copies of that block's trained MLP plus model.expert_perturbation,
+        exactly as they start from a pretrained GPT-2 at build. The router starts fresh."""
+        if architecture["family"] != "dense":
+            self.load_state_dict(state, strict=True)
+            return
+        mlp_prefixes = tuple(f"hf.transformer.h.{i}.mlp." for i in self.moe_layers)
+        base = {k: v for k, v in state.items() if not k.startswith(mlp_prefixes)}
+        missing, unexpected = self.load_state_dict(base, strict=False)
+        left = [k for k in missing if not k.startswith(mlp_prefixes)]
+        if left or unexpected:
+            raise ValueError(f"dense weights do not fit this MoE model: missing {left[:3]}, unexpected "
+                             f"{list(unexpected)[:3]}")
+        for i, prefix in zip(self.moe_layers, mlp_prefixes, strict=True):
+            mlp = GPT2MLP(4 * self.hf.config.n_embd if self.hf.config.n_inner is None else self.hf.config.n_inner,
+                          self.hf.config)
+            mlp.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            layer = self.hf.transformer.h[i].mlp
+            upcycled = MoEFeedForward.from_gpt2_mlp(mlp, num_experts=self.num_experts, topk=self.topk,
+                                                    noise_std=layer.router.noise_std,
+                                                    perturbation=self.model_cfg.expert_perturbation)
+            layer.load_state_dict(upcycled.state_dict())
 
     def moe_modules(self) -> list[MoEFeedForward]:
         return [self.hf.transformer.h[i].mlp for i in self.moe_layers]

@@ -78,9 +78,15 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, run_dir: Path, engine: Engine):
         self.cfg, self.run_dir, self.engine = cfg, Path(run_dir), engine
-        self.config_dict = asdict(cfg)
+        # What run.init_from loaded (path, step, sha256), recorded with every artifact; restored on resume.
+        self.init_from: dict | None = None
         self.deepspeed = engine.name == DEEPSPEED
         self.last_saved_step = 0  # the step restored from, once resumed: it is on disk already
+
+    @property
+    def config_dict(self) -> dict:
+        # Read at each save: fit.py settles what only the data tells (train.epochs' max_steps) after building this.
+        return asdict(self.cfg)
 
     # ------------------------------------------------------------------ what to resume from
 
@@ -181,6 +187,7 @@ class Checkpointer:
         rng_state = rng_state_for(checkpoint, self.engine)
         if rng_state is not None:
             restore_rng_state(rng_state)  # last: building consumed random numbers
+        self.init_from = checkpoint.get("init_from")
         self.last_saved_step = step
         log.info("resumed from %s at step %d", path, state.step)
 
@@ -282,7 +289,8 @@ class Checkpointer:
         """What both artifact kinds record about the run: the seed's identity keys plus the architecture."""
         architecture = self.engine.model.architecture()
         return {"format_version": FORMAT_VERSION, "step": step, "preset": self.cfg.run.preset,
-                "mode": architecture["family"], "config": self.config_dict, "architecture": architecture}
+                "mode": architecture["family"], "config": self.config_dict, "architecture": architecture,
+                "init_from": self.init_from}
 
     def _write_snapshot(self, stem: str, state: LoopState) -> None:
         if not self.engine.is_main:

@@ -23,6 +23,10 @@ class RunConfig:
     output_dir: str = "outputs"
     seed: int = 42
     resume: Optional[str] = None  # null (fresh), "auto" (newest valid checkpoint of this run) or a path
+    # Start from another run's weights (fine-tuning; a dense run into MoE: sparse upcycling): its directory (the
+    # final model) or a .safetensors snapshot. Only the weights and the tokenizer come over; the optimizer,
+    # schedule and step start fresh. A resumed run continues from its own checkpoint instead.
+    init_from: Optional[str] = None
     preset: str = "none"  # recorded in checkpoints and sidecars; set by conf/preset/*
 
 
@@ -31,6 +35,9 @@ class TrainConfig:
     batch_size: int = 2  # micro-batch per process
     grad_accum_steps: int = 4
     max_steps: int = 5000  # optimizer updates
+    # Passes over the training blocks; when set, it decides max_steps (rounded up to whole updates, logged and
+    # recorded) once the data is built. null: max_steps decides.
+    epochs: Optional[float] = None
     eval_every: int = 200
     log_every: int = 1
     log_router_every: int = 100
@@ -115,6 +122,7 @@ RULES: list[Rule] = [
     ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, "an integer >= 1"),
     ("train.max_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("train.epochs", lambda v: v is None or v > 0, "null (train.max_steps decides) or a positive number such as 1"),
     ("train.eval_every", lambda v: v >= 1, "an integer >= 1"),
     ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
     ("train.log_router_every", lambda v: v >= 1, "an integer >= 1"),
@@ -142,6 +150,15 @@ def check_trainer(cfg: Config) -> None:
     check_choices(cfg, CHOICES)
     check_rules(cfg, RULES)
     check_run_name(cfg.run.name)
+    if cfg.run.init_from is not None and cfg.run.resume not in (None, "auto"):
+        raise UserError(f"run.init_from={cfg.run.init_from!r} starts a new run from those weights, but "
+                        f"run.resume={cfg.run.resume!r} continues that checkpoint's run; drop one (run.resume=auto "
+                        "continues this run, which uses run.init_from only on its first start)")
+    if cfg.train.epochs is None:
+        check_warmup(cfg)  # with train.epochs, once the data gives max_steps (trainer/fit.py)
+
+
+def check_warmup(cfg: Config) -> None:
     warmup, steps = cfg.optim.warmup_steps, cfg.train.max_steps
     if cfg.run.task == "train" and warmup is not None and warmup >= steps:
         # A preset's warmup (polyglu-pretrain: 2000) kept in a shortened run would train it all at a sliver of the
