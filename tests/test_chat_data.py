@@ -233,3 +233,13 @@ def test_nonsensical_chat_settings_are_refused_in_one_line(overrides, needle):
     with pytest.raises(UserError) as err:
         compose_validated(overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_runs_saved_tokenizer_directory_is_used_and_gets_the_markers(tmp_path):
+    saved = tmp_path / "run" / "tokenizer"
+    load_gpt2().save(saved)  # a pretraining run's tokenizer/ folder, without chat markers
+    cfg = sft_math_cfg(tmp_path / "cache", size_mb=0.05, max_eval_blocks=2, tokenizer=TokenizerConfig(str(saved)))
+    bundle = build_data(cfg, seed=1)
+    assert bundle.summary["chat_markers_added"] == list(CHAT_MARKERS)
+    assert bundle.tokenizer.vocab_size == load_gpt2().vocab_size + 2
+    assert build_data(cfg, seed=1).summary["cache"]["hit"]
