@@ -29,6 +29,8 @@ class DomainConfig:
     # data.source=local: files, globs or directories (jsonl, json lines, txt, md, parquet; .gz for jsonl/txt)
     paths: list[str] = field(default_factory=list)
     text_fields: list[str] = field(default_factory=lambda: ["text"])  # hub columns / jsonl keys / parquet columns
+    # data.chat=true: the hub column / jsonl key holding a row's conversation, a list of {role, content} turns
+    messages_field: str = "messages"
     max_tokens: Optional[int] = None  # task=tokenize: training-token budget for this domain; null = whole source
 
 
@@ -53,6 +55,10 @@ class DataConfig:
     # memory: read the text, tokenize and pack in memory, capped at size_mb per domain (cached)
     # shards: stream blocks from token shards written by `python trainer/run.py task=tokenize data=<entry>`
     format: str = "memory"
+    # Conversations for supervised fine-tuning instead of documents: each domain's rows are {role, content} turn
+    # lists (embedded: the generated math problems as question/answer pairs), rendered as ChatML, packed whole
+    # into blocks, with labels only on the assistant's turns (data/chat/). In memory only.
+    chat: bool = False
     # name -> source; conf/data/* fills it. A new domain goes in a data entry (YAML): Hydra cannot add a
     # key to a dict of dataclasses from the command line (omegaconf 2.3 rejects +data.domains.new.x=...).
     domains: dict[str, DomainConfig] = field(default_factory=dict)
@@ -152,9 +158,32 @@ def check_data(data: DataConfig, tokenizing: bool) -> None:
         if d.max_tokens is not None and d.max_tokens < 1:
             raise UserError(f"data.domains.{name}.max_tokens={d.max_tokens} is impossible; expected a positive "
                             "number of tokens or null (the whole source)")
+    if data.chat:
+        _check_chat(data, tokenizing)
     if (data.format == "shards" or tokenizing) and data.tokenizer.name == "bpe":
         raise UserError(BPE_WITH_SHARDS)
     _check_mix(data)
+
+
+# data.chat=true with data.source=embedded: the generated math problems are the one offline conversation source.
+CHAT_EMBEDDED_DOMAINS = ("math",)
+
+
+def _check_chat(data: DataConfig, tokenizing: bool) -> None:
+    if data.format != "memory":
+        raise UserError(f"data.format={data.format!r} is not supported with data.chat=true; conversations are "
+                        "read, tokenized and packed in memory: use data.format=memory")
+    if tokenizing:
+        raise UserError("task=tokenize writes pretraining token shards, which data.chat=true does not read; "
+                        "train on the conversations directly (task=train, data.format=memory)")
+    for name, d in data.domains.items():
+        if data.source == "embedded" and name not in CHAT_EMBEDDED_DOMAINS:
+            raise UserError(f"data.domains.{name} has no embedded conversations; data.chat=true with "
+                            f"data.source=embedded offers {', '.join(CHAT_EMBEDDED_DOMAINS)} (generated problems), "
+                            "or use data=sft-local with your JSON Lines")
+        if not str(d.messages_field).strip():
+            raise UserError(f"data.domains.{name}.messages_field={d.messages_field!r} is empty; name the jsonl key / "
+                            "hub column holding the {role, content} turns, e.g. messages")
 
 
 BPE_WITH_SHARDS = ("data.tokenizer.name='bpe' is trained on each in-memory corpus, so token shards cannot use it; "

@@ -19,7 +19,13 @@ from .config import BPE_WITH_SHARDS, TokenizerConfig
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-BPE_RECIPE_VERSION = 1  # bump when the trainer settings below change, so cached tokenizers are retrained
+# ChatML's turn markers (Qwen3's format: <|im_start|>role\n{content}<|im_end|>\n), the one place they are named;
+# here beside EOS because the BPE reserves them and data/chat/ inserts them by id (data/chat/format.py).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHAT_MARKERS = (IM_START, IM_END)
+# Bump when the trainer settings below change, so cached tokenizers are retrained. 2: the chat markers reserved.
+BPE_RECIPE_VERSION = 2
 _ENCODE_CHUNK = 256  # documents per Rust batch call: keeps Python-side id lists small
 
 
@@ -63,6 +69,30 @@ class TextTokenizer:
             payload = sorted(self._hf.get_vocab().items())
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token of the vocabulary (an added special token such as EOS), None if it has none."""
+        if self._backend is not None:
+            return self._backend.token_to_id(token)
+        return self._hf.get_vocab().get(token)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[str]:
+        """Add the `tokens` the vocabulary lacks as special tokens (each encodes as one id, never split or
+        merged); returns those added, in order. The vocabulary grows, so the fingerprint is recomputed."""
+        missing = [t for t in dict.fromkeys(tokens) if self.token_id(t) is None]
+        if not missing:
+            return []
+        if self._backend is not None:
+            from tokenizers import AddedToken
+
+            self._backend.add_special_tokens([AddedToken(t, special=True) for t in missing])
+            self.vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
+        else:
+            self._hf.add_special_tokens({"additional_special_tokens": missing},
+                                        replace_additional_special_tokens=False)
+            self.vocab_size = len(self._hf)
+        self._fingerprint_value = None
+        return missing
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self._backend is not None:
@@ -152,13 +182,14 @@ def bpe_cache_path(cache_dir: str, train_texts: list[str], vocab_size: int) -> s
 
 
 def train_bpe(train_texts: list[str], vocab_size: int) -> Any:
-    """Byte-level BPE, deterministic for the same texts in the same order."""
+    """Byte-level BPE, deterministic for the same texts in the same order; EOS and the chat markers reserved."""
     from tokenizers import AddedToken, models, pre_tokenizers, trainers
 
     tok = _byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
-        special_tokens=[AddedToken(EOS_TOKEN, special=True)],
+        # EOS first (id 0), then the chat markers, so a corpus's tokenizer can also encode conversations.
+        special_tokens=[AddedToken(t, special=True) for t in (EOS_TOKEN, *CHAT_MARKERS)],
         # All 256 bytes from the start: any text stays encodable, however small the corpus.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )

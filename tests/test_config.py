@@ -39,7 +39,8 @@ def pinned_family(preset: str) -> str | None:
 
 
 # What a data entry cannot know by itself: the user's own files.
-DATA_NEEDS = {"local": ["data.domains.text.paths=[corpus/*.jsonl]"]}
+DATA_NEEDS = {"local": ["data.domains.text.paths=[corpus/*.jsonl]"],
+              "sft-local": ["data.domains.chat.paths=[corpus/*.jsonl]"]}
 
 
 @pytest.mark.parametrize("preset,hardware,model,data", list(itertools.product(

@@ -8,7 +8,7 @@ split (done later) depends on the run seed. Numbers are chosen so every answer i
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 GENERATOR_SEED = 20240917
@@ -234,6 +234,24 @@ def problem_text(rng: random.Random) -> str:
     options, letter = _options(rng, answer)
     return (f"Problem: {problem}\nOptions: {options}\nRationale: {' '.join(steps)}\n"
             f"Answer: {letter} ) {fmt(answer)}")
+
+
+# The chat problems' own seed: SFT on them after pretraining on the `math` domain meets new numbers, not the
+# pretraining documents again (the templates are the same).
+CHAT_SEED = GENERATOR_SEED + 1
+
+
+def math_conversations(max_bytes: int) -> Iterator[tuple[str, str, str]]:
+    """(question, worked solution ending in the answer, answer) in a fixed order, until about `max_bytes` of
+    question + solution text; the same sequence on every call. No options: the answer is the value itself."""
+    rng = random.Random(CHAT_SEED)
+    size = 0
+    while size < max_bytes:
+        problem, steps, answer = rng.choice(TEMPLATES)(rng)
+        value = fmt(answer)
+        solution = "\n".join(steps) + f"\nThe answer is {value}."
+        size += len(problem.encode("utf-8")) + len(solution.encode("utf-8"))
+        yield problem, solution, value
 
 
 def math_documents(max_bytes: int) -> list[str]:
