@@ -204,13 +204,17 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
     SDPA. Both kernels need x on CUDA with the projections running in fp16/bf16 (their only dtypes). torch's
     varlen_attn is preferred when it imports, the GPU is compute capability 8.0+ (its flash kernel's floor) and
     there is no attention dropout (it has none); flash-attn's varlen kernel is the fallback when installed."""
-    if not x.is_cuda or _compute_dtype(x) not in (torch.float16, torch.bfloat16):
+    if not _half_on_cuda(x):
         return None
     if TORCH_VARLEN_AVAILABLE and not dropout_p and _sm80_or_newer(x.device):
         return TORCH_VARLEN
     if FLASH_ATTN_AVAILABLE:
         return FLASH_ATTN
     return None
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16)
 
 
 def _sm80_or_newer(device: torch.device) -> bool:
