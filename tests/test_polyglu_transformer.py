@@ -232,7 +232,7 @@ def test_flash_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
         calls.append(kwargs)
         return reference_flash_attn_varlen_func(*args, **kwargs)
 
-    monkeypatch.setattr(attention_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "varlen_backend", lambda x, dropout_p=0.0: attention_module.FLASH_ATTN)
     monkeypatch.setattr(attention_module, "flash_attn_varlen_func", spy)
     _, flash_logits = model(ids, document_ids=doc)
     assert len(calls) == L  # every layer took the varlen kernel, with the flattened batch's boundaries
@@ -256,15 +256,15 @@ def test_flash_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
 
 
 def test_flash_path_refuses_fp32_instead_of_dropping_document_masking(monkeypatch):
-    monkeypatch.setattr(attention_module, "uses_flash_attention", lambda x: True)
+    monkeypatch.setattr(attention_module, "varlen_backend", lambda x, dropout_p=0.0: attention_module.FLASH_ATTN)
     monkeypatch.setattr(attention_module, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
     with pytest.raises(RuntimeError, match="needs fp16/bf16"):
         tiny_model()(batch(), document_ids=torch.zeros(2, T, dtype=torch.long))
 
 
-def test_flash_attention_is_only_chosen_on_cuda_in_half_precision():
+def test_varlen_kernels_are_only_chosen_on_cuda_in_half_precision():
     x = torch.zeros(1, 2, D, dtype=torch.bfloat16)
-    assert not attention_module.uses_flash_attention(x)  # CPU: the masked SDPA path, flash-attn or not
+    assert attention_module.varlen_backend(x) is None  # CPU: the masked SDPA path, whatever is installed
 
 
 def test_gqa_projection_sizes():

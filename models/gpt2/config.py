@@ -26,6 +26,10 @@ class GPT2Config(ModelConfig):
     n_head: int = 4
     n_positions: int = 1024
     dropout: float = 0.0
+    # No token attends across the documents of a packed block (and positions restart at 0 per document); off
+    # by default because the MoE-emergence seed trained transformers' GPT-2 on packed blocks without masks, so
+    # preset results stay comparable with it. SFT presets will turn it on. Backends: models/layers/attention.py.
+    document_masking: bool = False
 
     RULES: ClassVar[list[Rule]] = [
         ("n_layer", lambda v: v >= 1, "an integer >= 1"),

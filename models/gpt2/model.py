@@ -7,6 +7,7 @@ from torch import nn
 from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2LMHeadModel
 
+from models.gpt2.attention import document_kwargs, use_document_attention
 from models.output import ModelOutput, lm_output
 from trainer.base.batch import IGNORE_INDEX
 from trainer.base.errors import UserError
@@ -47,16 +48,25 @@ def gpt2_architecture(hf: GPT2LMHeadModel) -> dict:
 class DenseGPT2(nn.Module):
     family = "dense"
 
-    def __init__(self, hf: GPT2LMHeadModel):
+    def __init__(self, hf: GPT2LMHeadModel, document_masking: bool = False):
         super().__init__()
         self.hf = hf
+        self.document_masking = document_masking
+        if document_masking:
+            use_document_attention(hf)
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ModelOutput:
-        # Packed blocks hold several documents; dense GPT-2 attends across them (masking comes with
-        # the attention backends of a later family).
-        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels))
+        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels), **self.hf_kwargs(input_ids, document_ids))
         return lm_output(out.loss)
+
+    def hf_kwargs(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> dict:
+        """What `self.hf(input_ids=...)` needs besides the ids (and labels) for this batch. With
+        model.document_masking and document_ids: per-document positions and attention (models/gpt2/attention.py);
+        otherwise nothing, and packed blocks attend across their documents as the MoE-emergence seed did."""
+        if not self.document_masking or document_ids is None:
+            return {}
+        return document_kwargs(self.hf, input_ids, document_ids)
 
     def architecture(self) -> dict:
         return {"family": self.family, **gpt2_architecture(self.hf)}
@@ -81,4 +91,4 @@ class DenseGPT2(nn.Module):
 def build(model_cfg, vocab_size: int, eos_id: int) -> DenseGPT2:
     hf = load_gpt2(model_cfg, vocab_size, eos_id)
     hf.loss_type = "ForCausalLM"  # named, or transformers warns on every run that it had to guess
-    return DenseGPT2(hf)
+    return DenseGPT2(hf, document_masking=model_cfg.document_masking)

@@ -1,21 +1,26 @@
 """Causal self-attention backends with document masking inside packed blocks, for any family's attention module.
 
-Two backends, chosen once per forward by `attention_context` (see `AttentionContext`):
+The backend is chosen once per forward by `document_context` / `attention_context` (see `AttentionContext`)
+and `varlen_backend`:
 
-* flash-attn's `flash_attn_varlen_func` when flash-attn imports, the tensors are on CUDA in fp16/bf16 and
-  document_ids are given: each document of the packed [B, T] batch becomes one variable-length sequence
-  (`cu_seqlens`), so no [T, T] mask is ever materialised. GQA is native to flash-attn.
-* `torch.nn.functional.scaled_dot_product_attention` otherwise: `is_causal=True` without document_ids, or a
-  boolean block-diagonal causal mask [B, 1, T, T] built from document_ids.
+* a variable-length kernel when document_ids are given and the tensors are on CUDA in fp16/bf16: each document
+  of the packed [B, T] batch becomes one sequence of the flattened batch (`cu_seqlens`), so no [T, T] mask is
+  ever materialised. Preferred: PyTorch's own `torch.nn.attention.varlen.varlen_attn` (recent torch, no extra
+  install, GPUs of compute capability 8.0+); it has no dropout, so attention dropout in training falls to
+  flash-attn's `flash_attn_varlen_func` when flash-attn is installed. GQA is native to both.
+* `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, older torch without varlen_attn
+  and no flash-attn, or dropout without flash-attn): `is_causal=True` without document_ids, or a boolean
+  block-diagonal causal mask [B, 1, T, T] built from document_ids.
 
 A "document" is a maximal run of equal document_ids inside a row (the data pipeline numbers documents
-0, 1, 2, ... left to right, so this is the same as "equal id"); both backends use this definition, so they
+0, 1, 2, ... left to right, so this is the same as "equal id"); every backend uses this definition, so they
 agree token for token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,17 @@ except (ImportError, OSError, RuntimeError):  # pragma: no cover - depends on th
     flash_attn_varlen_func = None
 
 FLASH_ATTN_AVAILABLE = flash_attn_varlen_func is not None
+
+try:  # PyTorch's own varlen kernel (recent torch); older torch falls back to flash-attn or masked SDPA
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the install
+    varlen_attn = None
+
+TORCH_VARLEN_AVAILABLE = varlen_attn is not None
+
+# The variable-length kernels `varlen_backend` can pick (None there means masked / causal SDPA).
+TORCH_VARLEN = "torch_varlen"
+FLASH_ATTN = "flash_attn"
 
 
 def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
@@ -51,6 +67,13 @@ def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> tuple[torch.Tens
     return cu, max_seqlen
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Long [B, T]: each token's position inside its own document (0 at every document start)."""
+    t = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    start = torch.where(document_starts(document_ids), t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - start
+
+
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Bool [B, 1, T, T], True = may attend: key j <= query i and both in the same document."""
     seg = torch.cumsum(document_starts(document_ids).to(torch.int32), dim=1)  # [B, T]
@@ -64,48 +87,82 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 class AttentionContext:
     """What every layer of one forward shares; built once by the transformer, not once per layer."""
 
-    cos: torch.Tensor                       # fp32 [T, head_dim]
-    sin: torch.Tensor                       # fp32 [T, head_dim]
+    cos: torch.Tensor | None = None         # fp32 [T, head_dim] (RoPE; None for a family with learned positions)
+    sin: torch.Tensor | None = None         # fp32 [T, head_dim]
     attn_mask: torch.Tensor | None = None   # bool [B, 1, T, T] (SDPA path with document_ids)
-    cu_seqlens: torch.Tensor | None = None  # int32 [n_docs + 1] (flash-attn varlen path)
+    cu_seqlens: torch.Tensor | None = None  # int32 [n_docs + 1] (varlen paths)
     max_seqlen: int = 0
+    varlen: str | None = None               # TORCH_VARLEN or FLASH_ATTN when cu_seqlens is set
 
     @property
-    def use_flash(self) -> bool:
+    def use_varlen(self) -> bool:
         return self.cu_seqlens is not None
 
 
-def attention_context(x: torch.Tensor, document_ids: torch.Tensor | None, head_dim: int, rope_theta: float,
-                      max_seq_len: int) -> AttentionContext:
-    """The RoPE tables and the document mask (or flash-attn's cu_seqlens) every layer of one forward shares."""
-    t = x.shape[1]
-    if t > max_seq_len:
-        raise ValueError(f"sequence length {t} exceeds max_seq_len {max_seq_len}")
-    cos, sin = rope_cos_sin(t, head_dim, rope_theta, device=x.device)
-    ctx = AttentionContext(cos=cos, sin=sin)
+def document_context(x: torch.Tensor, document_ids: torch.Tensor | None, dropout_p: float = 0.0) -> AttentionContext:
+    """The document mask (or a varlen kernel's cu_seqlens) every layer of one forward shares, without RoPE tables.
+    `x` is any activation [B, T, ...] in the dtype the attention projections see; `dropout_p` the attention
+    dropout of this forward (0 in eval), which rules out torch's varlen kernel (it has none)."""
+    ctx = AttentionContext()
     if document_ids is None:
         return ctx  # plain causal
     if document_ids.shape != x.shape[:2]:
         raise ValueError(f"document_ids {tuple(document_ids.shape)} must match input_ids {tuple(x.shape[:2])}")
-    if uses_flash_attention(x):
+    ctx.varlen = varlen_backend(x, dropout_p)
+    if ctx.varlen is not None:
         ctx.cu_seqlens, ctx.max_seqlen = cu_seqlens_from_document_ids(document_ids)
     else:
         ctx.attn_mask = document_causal_mask(document_ids)
     return ctx
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+def attention_context(x: torch.Tensor, document_ids: torch.Tensor | None, head_dim: int, rope_theta: float,
+                      max_seq_len: int) -> AttentionContext:
+    """The RoPE tables and the document mask (or a varlen kernel's cu_seqlens) every layer of one forward shares."""
+    t = x.shape[1]
+    if t > max_seq_len:
+        raise ValueError(f"sequence length {t} exceeds max_seq_len {max_seq_len}")
+    ctx = document_context(x, document_ids)
+    ctx.cos, ctx.sin = rope_cos_sin(t, head_dim, rope_theta, device=x.device)
+    return ctx
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dropout_p: float = 0.0,
+           scale: float | None = None) -> torch.Tensor:
     """Causal attention of q [B, T, H, hd] over k, v [B, T, H_kv, hd] (grouped-query when H_kv < H) within
-    the documents `ctx` describes; returns [B, T, H, hd]."""
-    if ctx.use_flash:
+    the documents `ctx` describes; returns [B, T, H, hd]. `dropout_p` is applied to the attention weights
+    (pass 0 in eval); `scale` defaults to 1/sqrt(hd)."""
+    if ctx.use_varlen:
         if q.dtype not in (torch.float16, torch.bfloat16):
-            # The context chose flash-attn and built no mask: SDPA here would silently drop document masking.
-            raise RuntimeError(f"flash-attn path chosen but attention runs in {q.dtype}; it needs fp16/bf16")
-        return _flash_varlen(q, k, v, ctx)
-    return _sdpa(q, k, v, ctx)
+            # The context chose a varlen kernel and built no mask: SDPA here would silently drop document masking.
+            raise RuntimeError(f"varlen attention ({ctx.varlen}) chosen but attention runs in {q.dtype}; "
+                               "it needs fp16/bf16")
+        if ctx.varlen == TORCH_VARLEN:
+            if dropout_p:
+                raise RuntimeError(f"torch's varlen_attn has no dropout but attention dropout is {dropout_p}; "
+                                   "build the context with document_context(..., dropout_p=...)")
+            return _torch_varlen(q, k, v, ctx, scale)
+        return _flash_varlen(q, k, v, ctx, dropout_p, scale)
+    return _sdpa(q, k, v, ctx, dropout_p, scale)
 
 
-def _flash_varlen(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+def _torch_varlen(q, k, v, ctx: AttentionContext, scale: float | None) -> torch.Tensor:
+    b, t, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    # [B, T, H, hd] -> [B*T, H, hd]: the flattened batch is one long sequence cut at cu_seqlens.
+    # window_size=(-1, 0) is varlen_attn's spelling of causal; enable_gqa maps query head h to KV head
+    # h // (H / H_kv), as flash-attn and SDPA's enable_gqa do.
+    out = varlen_attn(
+        q.reshape(b * t, n_heads, head_dim),
+        k.reshape(b * t, n_kv_heads, head_dim),
+        v.reshape(b * t, n_kv_heads, head_dim),
+        ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+        scale=scale, window_size=(-1, 0), enable_gqa=n_kv_heads != n_heads,
+    )
+    return out.view(b, t, n_heads, head_dim)
+
+
+def _flash_varlen(q, k, v, ctx: AttentionContext, dropout_p: float, scale: float | None) -> torch.Tensor:
     b, t, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     # [B, T, H, hd] -> [B*T, H, hd]: the flattened batch is one long sequence cut at cu_seqlens.
@@ -115,12 +172,12 @@ def _flash_varlen(q, k, v, ctx: AttentionContext) -> torch.Tensor:
         v.reshape(b * t, n_kv_heads, head_dim),
         cu_seqlens_q=ctx.cu_seqlens, cu_seqlens_k=ctx.cu_seqlens,
         max_seqlen_q=ctx.max_seqlen, max_seqlen_k=ctx.max_seqlen,
-        dropout_p=0.0, causal=True,  # softmax_scale defaults to 1/sqrt(head_dim)
+        dropout_p=dropout_p, softmax_scale=scale, causal=True,  # scale None = 1/sqrt(head_dim)
     )
     return out.view(b, t, n_heads, head_dim)
 
 
-def _sdpa(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+def _sdpa(q, k, v, ctx: AttentionContext, dropout_p: float, scale: float | None) -> torch.Tensor:
     groups = q.shape[2] // k.shape[2]
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
     mask = ctx.attn_mask
@@ -134,16 +191,39 @@ def _sdpa(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     else:
         gqa = groups > 1
     if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
+                                             enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=gqa)
     return out.transpose(1, 2)  # [B, T, H, hd]
 
 
-def uses_flash_attention(x: torch.Tensor) -> bool:
-    """Whether document-masked attention on these activations goes through flash-attn's varlen kernel:
-    flash-attn imports, x is on CUDA and the projections will run in fp16/bf16 (the kernel's only dtypes)."""
-    return FLASH_ATTN_AVAILABLE and x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16)
+def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+    """The variable-length kernel document-masked attention on these activations goes through, or None for masked
+    SDPA. Both kernels need x on CUDA with the projections running in fp16/bf16 (their only dtypes). torch's
+    varlen_attn is preferred when it imports, the GPU is compute capability 8.0+ (its flash kernel's floor) and
+    there is no attention dropout (it has none); flash-attn's varlen kernel is the fallback when installed."""
+    if not _half_on_cuda(x):
+        return None
+    if TORCH_VARLEN_AVAILABLE and not dropout_p and _sm80_or_newer(x.device):
+        return TORCH_VARLEN
+    if FLASH_ATTN_AVAILABLE:
+        return FLASH_ATTN
+    return None
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda and _compute_dtype(x) in (torch.float16, torch.bfloat16)
+
+
+def _sm80_or_newer(device: torch.device) -> bool:
+    return _capability_at_least_8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@cache
+def _capability_at_least_8(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

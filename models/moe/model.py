@@ -24,7 +24,7 @@ class MoEGPT2(DenseGPT2):
     initial_families = ("moe", "dense")
 
     def __init__(self, hf, model_cfg):
-        super().__init__(hf)
+        super().__init__(hf, document_masking=model_cfg.document_masking)
         model_cfg.check_layout(hf.config.n_layer)  # a pretrained model's depth is only known now
         self.moe_layers = list(model_cfg.moe_layers)
         self.num_experts, self.topk = model_cfg.num_experts, model_cfg.topk
@@ -69,7 +69,7 @@ class MoEGPT2(DenseGPT2):
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ModelOutput:
-        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels))
+        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels), **self.hf_kwargs(input_ids, document_ids))
         auxes = [layer.last_aux for layer in self.moe_modules()]
         lb = torch.stack([a["lb_loss"] for a in auxes]).mean()
         z = torch.stack([a["z_loss"] for a in auxes]).mean()
