@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, TINY_GPT2, assert_ok, run_cli
+from trainer.base.errors import UserError
 from trainer.base.metrics import EVAL_LOSS, LEARNING_RATE
 
 
@@ -108,3 +109,26 @@ def test_init_from_a_full_checkpoint_names_the_snapshot_of_that_step(dense_run, 
     result = start_from(dense_run / "ckpt-step-4.pt", tmp_path, data_cache, "run.name=refused")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"run.init_from={dense_run / 'model-step-4.safetensors'}" in result.stderr
+
+
+def test_a_tokenizer_that_gained_tokens_grows_the_embeddings_at_their_mean(tmp_path, caplog):
+    from models.registry import build_model, config_schema
+    from trainer.checkpoint.init_from import InitSource, load_initial_weights
+    from trainer.checkpoint.snapshots import save_model_snapshot
+
+    cfg = config_schema("dense")(n_layer=1, n_embd=16, n_head=2, n_positions=16)
+    source = build_model(cfg, vocab_size=64, eos_id=0)
+    meta = {"step": 7, "preset": "p", "mode": "dense", "config": {}, "metrics_summary": {},
+            "architecture": source.architecture()}
+    weights = save_model_snapshot(tmp_path, "final-model", source.state_dict(), meta)
+    grown = build_model(cfg, vocab_size=66, eos_id=0)  # two chat markers more
+    with caplog.at_level("INFO"):
+        record = load_initial_weights(grown, InitSource(str(tmp_path), weights, tmp_path / "tokenizer"))
+    old, new = source.hf.transformer.wte.weight, grown.hf.transformer.wte.weight
+    assert torch.equal(new[:64], old)
+    assert torch.allclose(new[64:], old.mean(dim=0, keepdim=True).expand(2, -1))
+    assert grown.hf.lm_head.weight.data_ptr() == new.data_ptr()  # still tied
+    assert record["step"] == 7 and "new rows at the mean embedding" in caplog.text
+    with pytest.raises(UserError, match="64-token vocabulary but this run's tokenizer has 60"):
+        load_initial_weights(build_model(cfg, vocab_size=60, eos_id=0),
+                             InitSource(str(tmp_path), weights, tmp_path / "tokenizer"))

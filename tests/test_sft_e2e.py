@@ -93,3 +93,15 @@ def test_polyglu_sft_keeps_tau_frozen_at_0_1(tmp_path, data_cache):
                        name="poly-sft", model_sizes=POLYGLU))
     taus = [r["train/tau"] for r in metrics(tmp_path / "poly-sft") if "train/tau" in r]
     assert taus and all(t == pytest.approx(0.1) for t in taus)
+
+
+def test_moe_sft_upcycled_from_the_dense_run_keeps_its_router_losses_and_monitors(pretrained, data_cache):
+    out = pretrained.parent
+    assert_ok(tiny_run(out, data_cache, *SFT, "data.size_mb=0.02", "model=moe", "model.moe_layers=[1]",
+                       "model.num_experts=4", "train.log_router_every=1", f"run.init_from={pretrained}",
+                       name="moe-sft", model_sizes=GPT2))
+    run_dir = out / "moe-sft"
+    rows = [r for r in metrics(run_dir) if TRAIN_LOSS in r]
+    assert rows and all("train/lb_loss" in r and "router/layer1/fraction/3" in r for r in rows)
+    assert list((run_dir / "figures").glob("*.png")), "the expert-usage figure is drawn at the end"
+    assert json.loads((run_dir / "summary.json").read_text())["init_from"]["family"] == "dense"

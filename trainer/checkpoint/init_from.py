@@ -48,6 +48,9 @@ class InitSource:
 def find_init_source(value: str) -> InitSource:
     """The snapshot and tokenizer run.init_from names; refuses anything else in one line. Reads no weights."""
     path = Path(value)
+    if not path.exists():
+        raise UserError(f"{KEY}={value!r} does not exist; pass a finished run's directory (such as "
+                        f"outputs/quickstart) or one of its {WEIGHTS_SUFFIX} snapshots")
     if path.is_dir():
         weights = snapshot_paths(path, FINAL_MODEL)[0]
         if not weights.is_file():
