@@ -23,6 +23,8 @@ CASES = {
                      ["time_vs_dense_top1", "time_vs_dense_top2", "speedup_vs_loop_top1"]),
     "polyglu_ffn.py": (["--reps", "1", "--warmup", "0", "--tokens", "16"],
                        ["speedup_vs_reference", "memory_vs_reference", "time_vs_swiglu"]),
+    "sft_throughput.py": (["--steps", "2", "--warmup", "1", "--trials", "1"],
+                          ["sft_vs_pretrain", "sft_vs_pretrain_unmasked", "packing_efficiency"]),
     "trainer_overhead.py": (["--steps", "3", "--warmup", "1", "--trials", "1"], ["ratio"]),
 }
 
