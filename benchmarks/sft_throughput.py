@@ -24,9 +24,9 @@
 2. packing_efficiency (target >= 0.95): real tokens / all tokens of data=sft-math's training blocks, as the
    built data records it (the SFT run's data_summary.json, DataBundle.summary["packing_efficiency"]).
 
-Threads: `--threads 1` by default. This 2-core VM is shared with another worker; two OpenMP threads then
-oversubscribe the cores and one forward+backward of this model swung 3.0-7.5 s (measured), against 0.76-1.07 s
-on one thread. The claim is about the work per token, which one thread measures without that noise;
+Threads: `--threads 1` by default. On a 2-core VM with anything else running, two OpenMP threads oversubscribe
+the cores: one forward+backward of this model swung 3.0-7.5 s (measured while other work ran), against
+0.76-1.07 s on one thread. The claim is about the work per token, which one thread measures without that noise;
 `--threads 0` keeps torch's default.
 
 Each trial trains the three arms (sft, pretrain masked, pretrain unmasked) back to back, rotating which goes

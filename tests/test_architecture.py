@@ -120,7 +120,8 @@ def test_every_key_has_one_default():
     for path in sorted((conf / "task").glob("*.yaml")):
         problems += _restated(path, Config)
     assert not problems, "\n".join(problems)
-    assert sorted(p.name for p in conf.iterdir() if p.is_dir()) == ["data", "hardware", "model", "preset", "task"]
+    assert sorted(p.name for p in conf.iterdir() if p.is_dir()) == [
+        "data", "hardware", "model", "preset", "preset_model", "task"]
 
 
 def test_one_default_test_notices_a_restated_default(tmp_path):

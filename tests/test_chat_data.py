@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from data.build import build_data
 from data.chat.format import encode_conversation, ensure_chat_markers, render
 from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.packing import PackedBlocks, pack_conversations
 from data.tokenizer import CHAT_MARKERS, IM_END, IM_START, TextTokenizer, load_gpt2, train_bpe
-from tests.conftest import ROOT, compose_validated
+from tests.conftest import compose_validated
 from trainer.base.batch import IGNORE_INDEX
 from trainer.base.errors import UserError
 
@@ -131,9 +130,9 @@ def test_packed_blocks_carry_labels_through_batch_and_concat():
 
 
 def sft_math_cfg(tmp_path, **over) -> DataConfig:
-    entry = yaml.safe_load((ROOT / "conf" / "data" / "sft-math.yaml").read_text())
-    cfg = compose_validated(["data=sft-math", f"data.block_size={entry['block_size']}",
-                             f"data.size_mb={entry['size_mb']}", f"data.cache_dir={tmp_path}"]).data
+    # preset=sft, as a user runs it (the default preset, quickstart, would set its own block size).
+    cfg = compose_validated(["preset=sft", f"data.cache_dir={tmp_path}"]).data
+    assert cfg.name == "sft-math"
     for key, value in over.items():
         setattr(cfg, key, value)
     return cfg
