@@ -2,6 +2,7 @@
 loads the safetensors weights and the run's saved tokenizer, and samples a continuation.
 
     python -m eval.generate outputs/moe-main/final-model.safetensors --prompt "def fibonacci(" --max-new-tokens 60
+    python -m eval.generate outputs/sft-dense --chat --temperature 0 --prompt "What is 12 + 7 x 3?"
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import load_saved_tokenizer
+from data.chat.format import encode_prompt
+from data.tokenizer import IM_END, load_saved_tokenizer
 from models.registry import FAMILIES, build_model, config_schema
 from trainer.base.errors import UserError
 from trainer.checkpoint import BEST_MODEL, FINAL_MODEL, load_model_snapshot, snapshot_paths
@@ -54,13 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat", action="store_true",
+                        help="ask a fine-tuned model (preset=sft): the prompt is a ChatML user turn, the answer stops "
+                             "at the end of the assistant's turn, and only the answer is printed")
     args = parser.parse_args(argv)
     try:
         if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}, --temperature {args.temperature}, --top-k "
                             f"{args.top_k}: need at least 1 new token, a temperature >= 0 (0 = greedy) and top-k >= 0")
         model, tokenizer, meta = load_snapshot_model(snapshot_in(Path(args.snapshot)))
-        ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+        if args.chat:
+            if tokenizer.token_id(IM_END) is None:
+                raise UserError(f"--chat needs a fine-tuned model: {args.snapshot}'s tokenizer has no chat markers; "
+                                "fine-tune it first with preset=sft run.init_from=<this run>")
+            ids, stop = encode_prompt(tokenizer, args.prompt), tokenizer.token_id(IM_END)
+        else:
+            ids, stop = tokenizer.encode(args.prompt) or [tokenizer.eos_id], tokenizer.eos_id
         window = meta["architecture"].get("n_positions")  # GPT-2's learned positions end there; PolyGLU slides
         if window is not None and len(ids) + args.max_new_tokens > window:
             raise UserError(f"a {len(ids)}-token prompt plus --max-new-tokens {args.max_new_tokens} exceeds the "
@@ -71,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, eos_id=tokenizer.eos_id)
-    print(tokenizer.decode(out[0].tolist()))
+                         top_k=args.top_k, eos_id=stop)
+    text = out[0].tolist()
+    if args.chat:  # the answer alone, without its closing marker
+        text = [t for t in text[len(ids):] if t != stop]
+    print(tokenizer.decode(text))
     return 0
 
 

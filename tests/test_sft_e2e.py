@@ -105,3 +105,17 @@ def test_moe_sft_upcycled_from_the_dense_run_keeps_its_router_losses_and_monitor
     assert rows and all("train/lb_loss" in r and "router/layer1/fraction/3" in r for r in rows)
     assert list((run_dir / "figures").glob("*.png")), "the expert-usage figure is drawn at the end"
     assert json.loads((run_dir / "summary.json").read_text())["init_from"]["family"] == "dense"
+
+
+def test_a_fine_tuned_model_answers_a_chat_prompt_and_stops_at_the_end_of_its_turn(fine_tuned, capsys):
+    from data.chat.format import encode_prompt
+    from data.tokenizer import IM_END, IM_START, load_saved_tokenizer
+    from eval.generate import main
+
+    tokenizer = load_saved_tokenizer(fine_tuned / "tokenizer")
+    prompt = encode_prompt(tokenizer, "What is 2 + 2?")
+    assert prompt[0] == tokenizer.token_id(IM_START) and tokenizer.decode(prompt).endswith(f"{IM_START}assistant\n")
+    assert main([str(fine_tuned), "--chat", "--temperature", "0", "--prompt", "What is 2 + 2?",
+                 "--max-new-tokens", "20"]) == 0
+    answer = capsys.readouterr().out
+    assert answer.strip() and IM_START not in answer and IM_END not in answer

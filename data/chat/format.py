@@ -90,6 +90,14 @@ def _normalise(messages: Sequence[Mapping] | Sequence[Turn]) -> list[Turn]:
     return out
 
 
+def encode_prompt(tokenizer: TextTokenizer, user_text: str) -> list[int]:
+    """A user turn and the opening of the assistant's, as a fine-tuned model is asked at generation: it answers
+    and ends its turn with <|im_end|>."""
+    start, _ = marker_ids(tokenizer)
+    ids, _ = encode_conversation(tokenizer, [("user", user_text)])
+    return [*ids, start, *tokenizer.encode(f"{ASSISTANT}\n")]
+
+
 def encode_conversation(tokenizer: TextTokenizer,
                         messages: Sequence[Mapping] | Sequence[Turn]) -> tuple[list[int], list[bool]]:
     """One conversation's ids and assistant mask (True exactly on each assistant turn's content and its <|im_end|>).
