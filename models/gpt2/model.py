@@ -57,8 +57,14 @@ class DenseGPT2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ModelOutput:
-        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels), **self.hf_kwargs(input_ids, document_ids))
-        return lm_output(out.loss)
+        return lm_output(self.scored_forward(input_ids, document_ids, labels).loss)
+
+    def scored_forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None,
+                       labels: torch.Tensor | None):
+        """transformers' forward with the loss, for training and eval. No KV cache: transformers builds one by
+        default, and only generation reads it."""
+        return self.hf(input_ids=input_ids, use_cache=False, **lm_targets(input_ids, labels),
+                       **self.hf_kwargs(input_ids, document_ids))
 
     def hf_kwargs(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> dict:
         """What `self.hf(input_ids=...)` needs besides the ids (and labels) for this batch. With

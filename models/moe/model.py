@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from models.gpt2.model import DenseGPT2, lm_targets, load_gpt2
+from models.gpt2.model import DenseGPT2, load_gpt2
 from models.moe import stats
 from models.moe.callbacks import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
 from models.moe.layer import MoEFeedForward
@@ -69,7 +69,7 @@ class MoEGPT2(DenseGPT2):
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ModelOutput:
-        out = self.hf(input_ids=input_ids, **lm_targets(input_ids, labels), **self.hf_kwargs(input_ids, document_ids))
+        out = self.scored_forward(input_ids, document_ids, labels)
         auxes = [layer.last_aux for layer in self.moe_modules()]
         lb = torch.stack([a["lb_loss"] for a in auxes]).mean()
         z = torch.stack([a["z_loss"] for a in auxes]).mean()
