@@ -64,15 +64,31 @@ def tokenize(tokenizer: TextTokenizer, docs: list[str]) -> tuple[np.ndarray, np.
     return tokens, lengths
 
 
-def _tokenizer_key(cfg: DataConfig) -> list:
+def tokenizer_key(cfg: DataConfig) -> list:
+    """The tokenizer's part of a cached corpus's key: a bpe's settings and recipe, else its name."""
     if cfg.tokenizer.name == "bpe":
         return ["bpe", cfg.tokenizer.vocab_size, BPE_RECIPE_VERSION]
     return [cfg.tokenizer.name]
 
 
 def _corpus_dir(cfg: DataConfig, seed: int) -> str:
-    key = digest(CORPUS_FORMAT, sources.signature(cfg), cfg.eval_fraction, seed, _tokenizer_key(cfg))
+    key = digest(CORPUS_FORMAT, sources.signature(cfg), cfg.eval_fraction, seed, tokenizer_key(cfg))
     return os.path.join(cfg.cache_dir, "corpora", key)
+
+
+def tokenizer_record(tokenizer: TextTokenizer, tok_file: str | None, cache_dir: str) -> dict:
+    """What a cached corpus's manifest says of its tokenizer, for cached_tokenizer to find it again."""
+    return {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
+            "file": os.path.relpath(tok_file, cache_dir) if tok_file else None}
+
+
+def cached_tokenizer(cfg: DataConfig, record: dict) -> TextTokenizer | None:
+    """The tokenizer a cached corpus was made with (its manifest's tokenizer_record): the trained bpe file it names,
+    or the named tokenizer loaded again; None when the bpe file is gone."""
+    if cfg.tokenizer.name != "bpe":
+        return load_named_tokenizer(cfg.tokenizer)
+    path = os.path.join(cfg.cache_dir, record["file"])
+    return load_bpe_file(path) if os.path.exists(path) else None
 
 
 def _load_cached(cfg: DataConfig, corpus: str) -> tuple[TextTokenizer, dict, dict] | None:
@@ -82,13 +98,9 @@ def _load_cached(cfg: DataConfig, corpus: str) -> tuple[TextTokenizer, dict, dic
         return None
     manifest = load_json(manifest_path)
     tok_info = manifest["tokenizer"]
-    if cfg.tokenizer.name == "bpe":
-        path = os.path.join(cfg.cache_dir, tok_info["file"])
-        if not os.path.exists(path):
-            return None
-        tokenizer = load_bpe_file(path)
-    else:
-        tokenizer = load_named_tokenizer(cfg.tokenizer)
+    tokenizer = cached_tokenizer(cfg, tok_info)
+    if tokenizer is None:
+        return None
     if tokenizer.fingerprint != tok_info["fingerprint"]:
         log.info("tokenizer %s changed since the corpus was cached; re-tokenizing", cfg.tokenizer.name)
         return None
@@ -119,8 +131,7 @@ def _build_streams(cfg: DataConfig, seed: int, corpus: str) -> tuple[TextTokeniz
     manifest = {
         "domains": sorted(splits),
         "provenance": provenance,
-        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint,
-                      "file": os.path.relpath(tok_file, cfg.cache_dir) if tok_file else None},
+        "tokenizer": tokenizer_record(tokenizer, tok_file, cfg.cache_dir),
         "python": sys.version.split()[0],
     }
     save_json(os.path.join(corpus, "manifest.json"), manifest)  # written last: its presence means complete

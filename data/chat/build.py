@@ -16,10 +16,10 @@ from .. import sources
 from ..bundle import DataBundle
 from ..cache import digest, load_array, load_json, save_array, save_json
 from ..config import DataConfig
-from ..memory import SPLITS, split_documents
+from ..memory import SPLITS, cached_tokenizer, split_documents, tokenizer_key, tokenizer_record
 from ..packing import PackedBlocks, pack_conversations
 from ..streams.schedule import MixSchedule
-from ..tokenizer import BPE_RECIPE_VERSION, TextTokenizer, build_tokenizer, load_bpe_file, load_named_tokenizer
+from ..tokenizer import TextTokenizer, build_tokenizer
 from .format import encode_conversations, ensure_chat_markers
 from .sources import code_signature, load_conversations, where
 
@@ -28,16 +28,10 @@ log = logging.getLogger(__name__)
 CHAT_FORMAT = 1  # bump when the cached arrays' meaning changes
 
 
-def _tokenizer_key(cfg: DataConfig) -> list:
-    if cfg.tokenizer.name == "bpe":
-        return ["bpe", cfg.tokenizer.vocab_size, BPE_RECIPE_VERSION]
-    return [cfg.tokenizer.name]
-
-
 def _corpus_dir(cfg: DataConfig, seed: int) -> str:
     fields = {d: cfg.domains[d].messages_field for d in sorted(cfg.domains)}
     key = digest("chat", CHAT_FORMAT, sources.signature(cfg), fields, code_signature(), cfg.eval_fraction, seed,
-                 _tokenizer_key(cfg))
+                 tokenizer_key(cfg))
     return os.path.join(cfg.cache_dir, "chat", key)
 
 
@@ -59,13 +53,9 @@ def _load_cached(cfg: DataConfig, corpus: str) -> tuple[TextTokenizer, dict, dic
         return None
     manifest = load_json(manifest_path)
     tok_info = manifest["tokenizer"]
-    if cfg.tokenizer.name == "bpe":
-        path = os.path.join(cfg.cache_dir, tok_info["file"])
-        if not os.path.exists(path):
-            return None
-        tokenizer = load_bpe_file(path)
-    else:
-        tokenizer = load_named_tokenizer(cfg.tokenizer)
+    tokenizer = cached_tokenizer(cfg, tok_info)
+    if tokenizer is None:
+        return None
     ensure_chat_markers(tokenizer)
     if tokenizer.fingerprint != tok_info["fingerprint"]:
         log.info("tokenizer %s changed since the conversations were cached; re-tokenizing", cfg.tokenizer.name)
@@ -105,8 +95,7 @@ def _build(cfg: DataConfig, seed: int, corpus: str) -> tuple[TextTokenizer, dict
         "domains": sorted(splits),
         "provenance": provenance,
         "counts": counts,
-        "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "markers_added": added,
-                      "file": os.path.relpath(tok_file, cfg.cache_dir) if tok_file else None},
+        "tokenizer": {**tokenizer_record(tokenizer, tok_file, cfg.cache_dir), "markers_added": added},
         "python": sys.version.split()[0],
     }
     save_json(os.path.join(corpus, "manifest.json"), manifest)  # written last: its presence means complete
