@@ -3,7 +3,6 @@ list of {role, content} turns per row (data.domains.<d>.messages_field), or a hu
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -38,12 +37,6 @@ def _math(max_bytes: int) -> Iterator[Conversation]:
         yield Conversation([("user", question), (ASSISTANT, solution)])
 
 
-def _open(path: str):
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
-
-
 def _rows_conversations(rows: Iterator[tuple[str, object]], field: str, key: str) -> Iterator[Conversation]:
     for where, row in rows:
         if not isinstance(row, dict):
@@ -57,7 +50,7 @@ def _rows_conversations(rows: Iterator[tuple[str, object]], field: str, key: str
 
 def _jsonl_rows(key: str, path: str, row_filter: dict) -> Iterator[tuple[str, object]]:
     try:
-        with _open(path) as f:
+        with local_files.open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

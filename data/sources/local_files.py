@@ -80,7 +80,7 @@ def expand_paths(key: str, patterns: list[str]) -> list[str]:
     return out
 
 
-def _open_text(path: str):
+def open_text(path: str):
     # utf-8-sig drops a leading BOM (which would break json.loads on line 1); errors="replace" keeps a stray
     # bad byte from stopping a long tokenization.
     if path.lower().endswith(".gz"):
@@ -104,7 +104,7 @@ def _filter_key(key: str) -> str:
 
 
 def _jsonl_documents(key: str, path: str, fields: list[str], row_filter: Mapping) -> Iterator[str]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -150,7 +150,7 @@ def _parquet_documents(key: str, path: str, fields: list[str], row_filter: Mappi
 
 
 def _text_document(path: str) -> Iterator[str]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         yield f.read()
 
 
