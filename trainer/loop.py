@@ -42,10 +42,12 @@ class TrainingLoop:
         labels every micro-batch scores B * (T - 1) targets, so each share is 1 / (accum * world) and no
         reduction is needed."""
         world = self.engine.world_size
-        scored = [scored_tokens(b) for b in batches]
         if not any("labels" in b for b in batches):
+            scored = [scored_tokens(b) for b in batches]
             return [n / (sum(scored) * world) for n in scored], {}
-        empty = sum(int((scored_per_row(b) == 0).sum()) for b in batches)
+        per_row = [scored_per_row(b) for b in batches]  # one count per micro-batch: its total and its empty rows
+        scored = [int(rows.sum()) for rows in per_row]
+        empty = sum(int((rows == 0).sum()) for rows in per_row)
         totals = self.engine.all_reduce_sum(torch.tensor([sum(scored), empty], dtype=torch.float64,
                                                          device=self.engine.device)).cpu()
         total, empty_total = float(totals[0]), float(totals[1])
