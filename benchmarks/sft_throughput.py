@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 import torch
 from hydra import compose, initialize_config_dir
 
+from benchmarks.trainer_overhead import trainer_step_times  # the real trainer, timed from its per-step log lines
 from data.build import build_data
 from trainer.config.validate import register_schemas, validate
-from trainer.fit import train
 
 TARGETS = {"sft_vs_pretrain": ">= 0.9", "packing_efficiency": ">= 0.95"}
 BLOCK_SIZE = 512  # sft-math's (conf/data/sft-math.yaml); pretraining is run at the same
@@ -94,17 +94,6 @@ def shared_tokenizer(extra: list[str]) -> str:
     if not os.path.isdir(folder):
         tokenizer.save(folder)
     return os.path.abspath(folder)
-
-
-def step_times(cfg, run_dir: Path, warmup: int) -> list[float]:
-    """The real trainer, timed from its per-step log lines: the gap between two steps' lines is one step."""
-    train(cfg, run_dir)
-    times = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            times[row["step"]] = row["time"]
-    return [times[s] - times[s - 1] for s in range(warmup + 1, cfg.train.max_steps + 1)]
 
 
 def cpu_kind() -> dict:
@@ -150,7 +139,7 @@ def main() -> None:
                 extra = [f"data.tokenizer.name={tokenizer}"] if arm == "sft" else []
                 cfg = config(arm, args.steps, run_dir, [*extra, *args.overrides])
                 tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
-                tps[arm].append(tokens_per_step / statistics.median(step_times(cfg, run_dir, args.warmup)))
+                tps[arm].append(tokens_per_step / statistics.median(trainer_step_times(cfg, run_dir, args.warmup)))
                 if trial == 0:
                     summaries[arm] = json.loads((run_dir / "data_summary.json").read_text())
                     settings[arm] = {"data": cfg.data.name, "document_masking": cfg.model.document_masking,
