@@ -15,6 +15,7 @@ import torch
 
 from data.chat.format import encode_prompt
 from data.tokenizer import IM_END, load_saved_tokenizer
+from eval.decoding import generate
 from models.registry import FAMILIES, build_model, config_schema
 from trainer.base.errors import UserError
 from trainer.checkpoint import BEST_MODEL, FINAL_MODEL, load_model_snapshot, snapshot_paths
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
             raise UserError(f"--max-new-tokens {args.max_new_tokens}, --temperature {args.temperature}, --top-k "
                             f"{args.top_k}: need at least 1 new token, a temperature >= 0 (0 = greedy) and top-k >= 0")
-        model, tokenizer, meta = load_snapshot_model(snapshot_in(Path(args.snapshot)))
+        model, tokenizer, _ = load_snapshot_model(snapshot_in(Path(args.snapshot)))
         if args.chat:
             if tokenizer.token_id(IM_END) is None:
                 raise UserError(f"--chat needs a fine-tuned model: {args.snapshot}'s tokenizer has no chat markers; "
@@ -72,21 +73,19 @@ def main(argv: list[str] | None = None) -> int:
             ids, stop = encode_prompt(tokenizer, args.prompt), tokenizer.token_id(IM_END)
         else:
             ids, stop = tokenizer.encode(args.prompt) or [tokenizer.eos_id], tokenizer.eos_id
-        window = meta["architecture"].get("n_positions")  # GPT-2's learned positions end there; PolyGLU slides
-        if window is not None and len(ids) + args.max_new_tokens > window:
+        window = model.context_window
+        if len(ids) + args.max_new_tokens > window:
             raise UserError(f"a {len(ids)}-token prompt plus --max-new-tokens {args.max_new_tokens} exceeds the "
-                            f"model's {window} positions (model.n_positions); ask for at most "
-                            f"{max(window - len(ids), 0)} new tokens or shorten the prompt")
+                            f"model's {window}-position context; ask for at most {max(window - len(ids), 0)} new "
+                            "tokens or shorten the prompt")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, eos_id=stop)
-    text = out[0].tolist()
-    if args.chat:  # the answer alone, without its closing marker
-        text = [t for t in text[len(ids):] if t != stop]
-    print(tokenizer.decode(text))
+    generator = torch.Generator().manual_seed(args.seed)
+    out = generate(model, [ids], args.max_new_tokens, stop_ids=[stop], temperature=args.temperature,
+                   top_k=args.top_k, pad_id=tokenizer.eos_id, generator=generator)[0]
+    # A chat answer alone; a plain continuation after its prompt (the stop token itself is never printed).
+    print(tokenizer.decode(out.tokens if args.chat else [*ids, *out.tokens]))
     return 0
 
 

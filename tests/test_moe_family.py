@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from eval.decoding import generate
 from eval.generate import load_snapshot_model
 from eval.generate import main as generate_cli
 from models.gpt2.config import GPT2Config
@@ -134,8 +135,7 @@ def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache, capsys
     sidecar = json.loads((whole / "final-model.json").read_text())
     assert sidecar["mode"] == "moe" and sidecar["architecture"]["moe_layers"] == [1]
     model, tokenizer, _ = load_snapshot_model(whole / "final-model.safetensors")
-    ids = torch.tensor([tokenizer.encode("def main(")])
-    assert model.generate(ids, max_new_tokens=5, temperature=0).shape[1] == ids.shape[1] + 5
+    assert len(generate(model, [tokenizer.encode("def main(")], 5)[0].tokens) == 5
     # The CLI: a run directory means its final model; GPT-2's position limit and bad sampling values are
     # one-line refusals, not an IndexError from the embedding (TINY_MOE has 64 positions).
     assert generate_cli([str(whole), "--prompt", "def main(", "--max-new-tokens", "4", "--temperature", "0"]) == 0

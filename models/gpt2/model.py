@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model
 from transformers import GPT2Config as HFGPT2Config
-from transformers import GPT2LMHeadModel
 
 from models.gpt2.attention import document_kwargs, use_document_attention
+from models.inference import token_positions
 from models.output import ModelOutput, lm_output
 from trainer.base.batch import IGNORE_INDEX
 from trainer.base.errors import UserError
+
+# transformers 5.2x renamed GPT2Model.forward's past_key_values to cache (the old name warns, then goes).
+_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def load_gpt2(model_cfg, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
@@ -77,15 +83,22 @@ class DenseGPT2(nn.Module):
     def architecture(self) -> dict:
         return {"family": self.family, **gpt2_architecture(self.hf)}
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
-        """Sampled continuation (greedy when temperature is 0), through the routed FFNs where there are any."""
-        sample = temperature > 0
-        return self.hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=max_new_tokens, do_sample=sample,
-                                temperature=temperature if sample else None, top_k=top_k if sample else None,
-                                top_p=None, pad_token_id=eos_id, eos_token_id=eos_id)
+    # ------------------------------------------------------------------ inference (models/inference.py)
+    @property
+    def context_window(self) -> int:
+        return self.hf.config.n_positions
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.hf.config)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
+               cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache | None]:
+        # Explicit positions: transformers' GPT-2 counts them from the row's first slot, padding included.
+        positions = token_positions(attention_mask)[:, -input_ids.shape[1]:]
+        out = self.hf.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=cache is not None, **{_CACHE_KEYWORD: cache})
+        h = out.last_hidden_state if last is None else out.last_hidden_state[:, -last:]
+        return self.hf.lm_head(h), cache
 
     def no_weight_decay(self) -> set[str]:
         return set()

@@ -25,7 +25,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from models.layers.rope import rope_cos_sin
+from models.layers.rope import rope_cos_sin, rope_cos_sin_at
 
 try:  # optional: a broken CUDA build can raise more than ImportError
     from flash_attn import flash_attn_varlen_func
@@ -117,14 +117,34 @@ def document_context(x: torch.Tensor, document_ids: torch.Tensor | None, dropout
 
 
 def attention_context(x: torch.Tensor, document_ids: torch.Tensor | None, head_dim: int, rope_theta: float,
-                      max_seq_len: int) -> AttentionContext:
-    """The RoPE tables and the document mask (or a varlen kernel's cu_seqlens) every layer of one forward shares."""
+                      max_seq_len: int, positions: torch.Tensor | None = None) -> AttentionContext:
+    """The RoPE tables and the document mask (or a varlen kernel's cu_seqlens) every layer of one forward shares.
+    `positions` [B, T] gives each row its own RoPE positions (a left-padded row's tokens start at 0); by default
+    every row counts 0..T-1."""
     t = x.shape[1]
     if t > max_seq_len:
         raise ValueError(f"sequence length {t} exceeds max_seq_len {max_seq_len}")
     ctx = document_context(x, document_ids)
-    ctx.cos, ctx.sin = rope_cos_sin(t, head_dim, rope_theta, device=x.device)
+    if positions is None:
+        ctx.cos, ctx.sin = rope_cos_sin(t, head_dim, rope_theta, device=x.device)
+    else:
+        ctx.cos, ctx.sin = rope_cos_sin_at(positions, head_dim, rope_theta)
     return ctx
+
+
+def cached_step_context(attention_mask: torch.Tensor, new_positions: torch.Tensor, head_dim: int,
+                        rope_theta: float) -> AttentionContext:
+    """The context of a decoding step over a KV cache: the n new tokens (all real) at `new_positions` [B, n]
+    attend to every earlier token of their row that is not padding (attention_mask [B, T_total], 1 = token,
+    with the new ones last) and causally among themselves; masked SDPA, as the query length differs from the
+    keys'."""
+    n, total = new_positions.shape[1], attention_mask.shape[1]
+    key = torch.arange(total, device=attention_mask.device)
+    query = torch.arange(total - n, total, device=attention_mask.device)
+    causal = key[None, :] <= query[:, None]                             # [n, T_total]
+    mask = attention_mask.bool()[:, None, None, :] & causal[None, None]  # [B, 1, n, T_total]
+    cos, sin = rope_cos_sin_at(new_positions, head_dim, rope_theta)
+    return AttentionContext(cos=cos, sin=sin, attn_mask=mask)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dropout_p: float = 0.0,

@@ -3,12 +3,28 @@ is the shared backend in models.layers.attention."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from models.layers.attention import AttentionContext, attend
 from models.layers.norm import RMSNorm
 from models.layers.rope import apply_rope
+
+
+@dataclass
+class KVCache:
+    """One layer's keys (after RoPE) and values [B, T_past, H_kv, hd] from earlier decoding steps."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        self.k, self.v = k, v
+        return k, v
 
 
 class GroupedQueryAttention(nn.Module):
@@ -27,13 +43,16 @@ class GroupedQueryAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=norm_eps)
         self.k_norm = RMSNorm(head_dim, eps=norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
+        """With a `cache` (generation), this call's keys and values are appended to it and the queries attend
+        to all of them, as `ctx` (models.layers.attention.cached_step_context) masks."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
-
+        if cache is not None:
+            k, v = cache.extend(k, v)
         out = attend(q, k, v, ctx)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim))

@@ -13,6 +13,7 @@ activations' own saved tensors: several times the layer's activation memory and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,15 @@ def _segment_pool(x: Tensor, document_ids: Tensor | None, causal: bool) -> tuple
     return pooled, first
 
 
+@dataclass
+class PoolState:
+    """One PolyGLU layer's causal pool carried across decoding steps: per row, the sum [B, 1, d] and count
+    [B, 1, 1] of the FFN inputs of its tokens so far (fp32; padding excluded). Empty until the prompt's call."""
+
+    total: Tensor | None = None
+    count: Tensor | None = None
+
+
 class PolyGLU(nn.Module):
     """PolyGLU FFN. `tau` (Gumbel-softmax temperature) is a plain attribute that a schedule sets.
 
@@ -170,6 +180,13 @@ class PolyGLU(nn.Module):
         rdt = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 when a test runs in fp64
         with torch.autocast(device_type=x.device.type, enabled=False):
             pooled, first = _segment_pool(x.to(rdt), document_ids, causal=self.routing_pool == "causal")
+        return self._route_pooled(pooled, first, gumbel_noise)
+
+    def _route_pooled(self, pooled: Tensor, first: Tensor | None, gumbel_noise: Tensor | None
+                      ) -> tuple[Tensor, Tensor]:
+        """routing() from the pooled inputs [B, 1 or T, d] (fp32 or fp64); `first` as _segment_pool returns it."""
+        rdt = pooled.dtype
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
             # Weights upcast explicitly: a model cast wholesale to bf16 must still route in fp32.
             lin1, lin2 = self.gate_net[0], self.gate_net[2]
             z = F.linear(F.relu(F.linear(pooled, lin1.weight.to(rdt), lin1.bias.to(rdt))),
@@ -204,6 +221,35 @@ class PolyGLU(nn.Module):
     def forward(self, x: Tensor, document_ids: Tensor | None = None, gumbel_noise: Tensor | None = None
                 ) -> Tensor:
         logits, g = self.routing(x, document_ids, gumbel_noise)
+        return self._mix(x, logits, g)
+
+    def new_decode_state(self) -> PoolState:
+        return PoolState()
+
+    def decode(self, x: Tensor, state: PoolState, valid: Tensor) -> Tensor:
+        """forward for cached generation (routing_pool=causal, eval): x [B, n, d] are the next n positions of
+        each row, `valid` [B, n] is 1 on tokens and 0 on padding. The first call (the prompt) pools as forward
+        does, padding apart from tokens, and keeps each row's running sum and count of token inputs in
+        `state`; later calls pool each new position over that prefix and itself, so no earlier input is kept.
+        The mean pool cannot decode this way: every new token changes every earlier token's routing."""
+        if self.routing_pool != "causal":
+            raise ValueError("PolyGLU.decode needs routing_pool='causal'; the whole-sequence mean recomputes")
+        rdt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(rdt)
+            if state.total is None:
+                pooled, _ = _segment_pool(xf, valid, causal=True)
+                weight = valid[..., None].to(rdt)
+                state.total, state.count = (xf * weight).sum(1, keepdim=True), weight.sum(1, keepdim=True)
+            else:
+                totals = state.total + xf.cumsum(dim=1)
+                counts = state.count + torch.arange(1, x.shape[1] + 1, device=x.device, dtype=rdt)[:, None]
+                pooled = totals / counts
+                state.total, state.count = totals[:, -1:], counts[:, -1:]
+        logits, g = self._route_pooled(pooled, None, None)
+        return self._mix(x, logits, g)
+
+    def _mix(self, x: Tensor, logits: Tensor, g: Tensor) -> Tensor:
         self._record(logits)
         h = self.W_gate(x)
         u = self.W_up(x)
@@ -269,4 +315,4 @@ class SwiGLU(nn.Module):
         return self.W_down(F.silu(self.W_gate(x)) * self.W_up(x))
 
 
-__all__ = ["ACTIVATIONS", "K", "UNIFORM_ENTROPY", "PolyGLU", "SwiGLU", "stacked_reference"]
+__all__ = ["ACTIVATIONS", "K", "UNIFORM_ENTROPY", "PolyGLU", "PoolState", "SwiGLU", "stacked_reference"]

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from models.inference import token_positions
 from models.output import ModelOutput, lm_output
 from models.polyglu import stats
 from models.polyglu.callbacks import RoutingEntropyWarning, TauSchedule
 from models.polyglu.ffn import PolyGLU
-from models.polyglu.transformer import PolychromaticTransformer, TransformerShape
+from models.polyglu.transformer import DecodingCache, PolychromaticTransformer, TransformerShape
 
 
 def transformer_shape(cfg, vocab_size: int) -> TransformerShape:
@@ -78,26 +77,27 @@ class PolyGLULM(nn.Module):
         return [TauSchedule(self, c.tau_start, c.tau_end, cfg.train.max_steps, c.tau_frozen),
                 RoutingEntropyWarning(c.entropy_warning, c.entropy_reg)]
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
-        """Sampled continuation (greedy at temperature 0); no KV cache: the model is small or the prompt short."""
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            _, logits = self.net(ids[:, -self.cfg.max_seq_len:])
-            last = logits[:, -1].float()
-            if temperature <= 0:
-                nxt = last.argmax(dim=-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k:
-                    kth = last.topk(min(top_k, last.shape[-1])).values[:, -1:]
-                    last = last.masked_fill(last < kth, -math.inf)
-                nxt = torch.multinomial(last.softmax(dim=-1), 1)
-            ids = torch.cat([ids, nxt], dim=1)
-            if eos_id is not None and bool((nxt == eos_id).all()):
-                break
-        return ids
+    # ------------------------------------------------------------------ inference (models/inference.py)
+    @property
+    def context_window(self) -> int:
+        return self.cfg.max_seq_len
+
+    def new_cache(self) -> DecodingCache | None:
+        """A KV cache with routing_pool=causal. The whole-sequence mean pool has none: each new token changes the
+        pooled input, so the routing, of every earlier token, and generation recomputes the whole sequence."""
+        return DecodingCache(self.net.layers) if self.cfg.routing_pool == "causal" else None
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
+               cache: DecodingCache | None = None) -> tuple[torch.Tensor, DecodingCache | None]:
+        # Padding is a document of its own: attention and the routing pool stay inside each document.
+        if cache is None:
+            h = self.net.hidden_states(input_ids, document_ids=attention_mask,
+                                       positions=token_positions(attention_mask))
+        else:
+            h = self.net.decode(input_ids, attention_mask, cache)
+        if last is not None:
+            h = h[:, -last:]
+        return self.net.lm_head(h), cache
 
 
 def build(model_cfg, vocab_size: int, eos_id: int) -> PolyGLULM:

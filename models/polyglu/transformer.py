@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers.attention import AttentionContext, attention_context
+from models.inference import token_positions
+from models.layers.attention import AttentionContext, attention_context, cached_step_context
 from models.layers.loss import IGNORE_INDEX, chunked_cross_entropy
 from models.layers.norm import RMSNorm
-from models.polyglu.attention import GroupedQueryAttention
+from models.polyglu.attention import GroupedQueryAttention, KVCache
 
 INIT_STD = 0.02
 
@@ -68,6 +69,28 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), ctx)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, document_ids=document_ids) if self._ffn_takes_document_ids else self.ffn(h))
+
+    def decode(self, x: torch.Tensor, ctx: AttentionContext, kv: KVCache, ffn_state, valid: torch.Tensor
+               ) -> torch.Tensor:
+        """forward for cached generation: `ffn_state` is what the FFN's `decode` carries between steps (None for
+        an FFN that mixes no positions, which runs as it is)."""
+        x = x + self.attn(self.attn_norm(x), ctx, kv)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h) if ffn_state is None else self.ffn.decode(h, ffn_state, valid))
+
+
+class DecodingCache:
+    """Per layer, the attention's keys and values and the FFN's decoding state (PolyGLU's causal pool)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.kv = [KVCache() for _ in layers]
+        self.ffn_states = [block.ffn.new_decode_state() if hasattr(block.ffn, "new_decode_state") else None
+                           for block in layers]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (padding included)."""
+        return 0 if self.kv[0].k is None else self.kv[0].k.shape[1]
 
 
 class PolychromaticTransformer(nn.Module):
@@ -121,16 +144,37 @@ class PolychromaticTransformer(nn.Module):
                     nn.init.normal_(w, mean=0.0, std=std)
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d_model] (what the head multiplies)."""
+    def hidden_states(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model] (what the head multiplies); `positions` [B, T]: each row's
+        RoPE positions where they do not count from 0 (left padding)."""
         x = self.embed_tokens(input_ids)
-        ctx = attention_context(x, document_ids, self.shape.head_dim, self.shape.rope_theta, self.shape.max_seq_len)
+        ctx = attention_context(x, document_ids, self.shape.head_dim, self.shape.rope_theta, self.shape.max_seq_len,
+                                positions)
         use_ckpt = self.shape.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             if use_ckpt:
                 x = checkpoint(block, x, ctx, document_ids, use_reentrant=False)
             else:
                 x = block(x, ctx, document_ids)
+        return self.norm(x)
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
+        """hidden_states for cached generation (models/inference.py): the prompts first, padding kept apart as
+        its own document, then the new tokens of each step against the cache."""
+        n = input_ids.shape[1]
+        if attention_mask.shape[1] > self.shape.max_seq_len:
+            raise ValueError(f"sequence length {attention_mask.shape[1]} exceeds max_seq_len {self.shape.max_seq_len}")
+        positions = token_positions(attention_mask)[:, -n:]
+        x = self.embed_tokens(input_ids)
+        if cache.length == 0:
+            ctx = attention_context(x, attention_mask, self.shape.head_dim, self.shape.rope_theta,
+                                    self.shape.max_seq_len, positions)
+        else:
+            ctx = cached_step_context(attention_mask, positions, self.shape.head_dim, self.shape.rope_theta)
+        valid = attention_mask[:, -n:]
+        for block, kv, state in zip(self.layers, cache.kv, cache.ffn_states, strict=True):
+            x = block.decode(x, ctx, kv, state, valid)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
