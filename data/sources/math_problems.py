@@ -8,8 +8,10 @@ split (done later) depends on the run seed. Numbers are chosen so every answer i
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from functools import lru_cache
 
 GENERATOR_SEED = 20240917
 GENERATOR_VERSION = 1  # bump when templates change, so cached corpora are rebuilt
@@ -252,6 +254,34 @@ def math_conversations(max_bytes: int) -> Iterator[tuple[str, str, str]]:
         solution = "\n".join(steps) + f"\nThe answer is {value}."
         size += len(problem.encode("utf-8")) + len(solution.encode("utf-8"))
         yield problem, solution, value
+
+
+# The benchmark's own seed (eval/harness's embedded_math task): problems drawn apart from the pretraining documents
+# and the SFT conversations, from the same templates.
+BENCHMARK_SEED = GENERATOR_SEED + 2
+# Problems the training streams hold within this much text (data.size_mb's default, per domain) are skipped: a few
+# templates have small number ranges, and a benchmark item a model trained on would measure recall.
+BENCHMARK_EXCLUDES_BYTES = 10_000_000
+_GSM8K_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # what gsm8k's "#### N" answer regex reads: no fractions
+
+
+@lru_cache(maxsize=4)
+def benchmark_problems(count: int) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """`count` held-out (question, solution steps, answer) in a fixed order: from BENCHMARK_SEED, none among the
+    first BENCHMARK_EXCLUDES_BYTES of the pretraining or SFT problems, no repeats, and only answers that are
+    integers or decimals (gsm8k's format)."""
+    seen = {doc.split("\n", 1)[0].removeprefix("Problem: ") for doc in math_documents(BENCHMARK_EXCLUDES_BYTES)}
+    seen.update(question for question, _, _ in math_conversations(BENCHMARK_EXCLUDES_BYTES))
+    rng = random.Random(BENCHMARK_SEED)
+    out = []
+    while len(out) < count:
+        problem, steps, answer = rng.choice(TEMPLATES)(rng)
+        value = fmt(answer)
+        if problem in seen or not _GSM8K_NUMBER.fullmatch(value):
+            continue
+        seen.add(problem)
+        out.append((problem, tuple(steps), value))
+    return tuple(out)
 
 
 def math_documents(max_bytes: int) -> list[str]:

@@ -1,0 +1,5 @@
+import sys
+
+from eval.harness.cli import main
+
+sys.exit(main())
