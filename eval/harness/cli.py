@@ -116,7 +116,8 @@ def check_tasks(manager, names: list[str], include_paths: list[Path]) -> None:
 
 
 def offline_message(tasks: list[str], err: Exception) -> str:
-    found = re.search(r"'([^']+)'", str(err))
+    # datasets says "Couldn't reach 'openai/gsm8k' on the Hub": the quoted name without spaces.
+    found = re.search(r"'([^'\s]+)'", str(err))
     dataset = found.group(1) if found else "its dataset"
     return (f"--tasks {' '.join(tasks)}: dataset {dataset} is on the Hugging Face Hub, which this machine cannot "
             f"reach; run where the Hub (or a datasets cache holding it) is, or pass --include-path DIR with a task "
