@@ -19,6 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
+    "harness_throughput.py": (["--questions", "2", "--trials", "1", "--layers", "2", "--width", "32"],
+                              ["speedup_vs_hflm", "greedy_agreement"]),
     "moe_layer.py": (["--reps", "1", "--warmup", "0", "--tokens", "64"],
                      ["time_vs_dense_top1", "time_vs_dense_top2", "speedup_vs_loop_top1"]),
     "polyglu_ffn.py": (["--reps", "1", "--warmup", "0", "--tokens", "16"],
