@@ -3,6 +3,7 @@ family is one folder, one registry line and one YAML file (tests/toy_family/ tra
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import shutil
@@ -136,16 +137,16 @@ def test_one_default_test_notices_a_restated_default(tmp_path):
 # ----------------------------------------------------------------------------------------------- a new family
 
 
-def launch_with_toy_family(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """trainer/run.py as a user runs it, after one registry line for the toy family (as a plugin would add it)."""
+def launch_with_toy_family(tmp_path: Path, args: list[str], script: str | None = None) -> subprocess.CompletedProcess:
+    """trainer/run.py as a user runs it (or `script`), after one registry line for the toy family (as a plugin
+    would add it)."""
     launcher = tmp_path / "launch_toy.py"
     launcher.write_text(
         "import runpy, sys\n"
         f"sys.path[:0] = [{str(ROOT)!r}]\n"
         "from models.registry import register_family\n"
         "register_family('toy', 'tests.toy_family')\n"
-        f"sys.argv = [{RUN!r}, *sys.argv[1:]]\n"
-        f"runpy.run_path({RUN!r}, run_name='__main__')\n")
+        + (script or f"sys.argv = [{RUN!r}, *sys.argv[1:]]\nrunpy.run_path({RUN!r}, run_name='__main__')\n"))
     search = f"hydra.searchpath=[file://{ROOT / 'tests' / 'toy_family' / 'conf'}]"
     return subprocess.run([sys.executable, str(launcher), search, *args], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=600)
@@ -167,6 +168,15 @@ def test_a_new_family_trains_through_the_entrypoint(tmp_path, data_cache):
     sidecar = json.loads((run_dir / "final-model.json").read_text())
     assert sidecar["mode"] == "toy" and sidecar["architecture"]["d_model"] == 16
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    # eval's tools take it too: lm-eval's loglikelihood through the harness adapter (models/inference.py).
+    scored = launch_with_toy_family(tmp_path, [], script=(
+        "from lm_eval.api.instance import Instance\n"
+        "from eval.harness.adapter import RoutedLM\n"
+        f"lm = RoutedLM({str(run_dir)!r}, device='cpu')\n"
+        "print(lm.loglikelihood([Instance('loglikelihood', {}, ('x = ', '1'), 0)], disable_tqdm=True))\n"))
+    assert_ok(scored)
+    (logprob, _), = ast.literal_eval(scored.stdout.strip().splitlines()[-1])  # a list of (float, bool)
+    assert logprob < 0
 
     # Its own keys and rules are checked like any family's, in one line.
     typo = launch_with_toy_family(tmp_path, [*args, "run.name=typo", "model.d_modle=8"])

@@ -37,17 +37,32 @@ class ToyLM(nn.Module):
         self.gate = nn.Linear(cfg.d_model, 2)
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+    def _mixed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.embed(input_ids)
         gate = self.gate(x).softmax(dim=-1)  # [B, T, 2]
         a, b = self.maps(x).chunk(2, dim=-1)
-        h = torch.tanh(gate[..., :1] * a + gate[..., 1:] * b)
+        return torch.tanh(gate[..., :1] * a + gate[..., 1:] * b), gate
+
+    def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
+        h, gate = self._mixed(input_ids)
         logits = self.head(h)[:, :-1]
         targets = (input_ids if labels is None else labels)[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), reduction="sum")
         loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return lm_output(loss, routing={GATE_SHARE: gate.detach().reshape(-1, 2).mean(dim=0)})
+
+    # models/inference.py, for eval's tools. Each token's logits depend on that token alone: any length fits, padding
+    # cannot reach another token, and there is nothing to cache.
+    context_window = 1 << 16
+
+    def new_cache(self) -> None:
+        return None
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
+               cache: None = None) -> tuple[torch.Tensor, None]:
+        h, _ = self._mixed(input_ids if last is None else input_ids[:, -last:])
+        return self.head(h), None
 
     def architecture(self) -> dict:
         return {"family": self.family, "vocab_size": self.vocab_size, "d_model": self.cfg.d_model}
