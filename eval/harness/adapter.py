@@ -31,7 +31,7 @@ from data.tokenizer import CHAT_MARKERS, IM_END, IM_START, TextTokenizer
 from eval.decoding import generate
 from trainer.base.errors import UserError
 
-MODEL_NAME = "routed-lm"  # lm-eval's registry name: --model routed-lm --model_args snapshot=<path>
+MODEL_NAME = "routed-lm"  # its name in lm-eval's model registry (once this module is imported)
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
 
 
@@ -111,8 +111,9 @@ class RoutedLM(TemplateLM):
         window = self.max_length
         inputs: dict[tuple[int, ...], list[int]] = defaultdict(list)  # model input -> indices of its requests
         for i, (_, context, continuation) in enumerate(requests):
-            if not continuation:
-                raise ValueError(f"request {i} has an empty continuation")
+            if not continuation or len(continuation) > window:
+                raise ValueError(f"request {i} has a {len(continuation)}-token continuation; the model scores 1 to "
+                                 f"{window} (its context)")
             whole = (list(context) + list(continuation))[-(window + 1):]
             inputs[tuple(whole[:-1])].append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)

@@ -133,7 +133,8 @@ def _segment_pool(x: Tensor, document_ids: Tensor | None, causal: bool) -> tuple
 @dataclass
 class PoolState:
     """One PolyGLU layer's causal pool carried across decoding steps: per row, the sum [B, 1, d] and count
-    [B, 1, 1] of the FFN inputs of its tokens so far (fp32; padding excluded). Empty until the prompt's call."""
+    [B, 1, 1] of the FFN inputs of its tokens so far (fp32; padding excluded). Empty until the prompt's call;
+    the mean pool keeps nothing in it."""
 
     total: Tensor | None = None
     count: Tensor | None = None
@@ -223,23 +224,27 @@ class PolyGLU(nn.Module):
         logits, g = self.routing(x, document_ids, gumbel_noise)
         return self._mix(x, logits, g)
 
-    def new_decode_state(self) -> PoolState:
+    def new_inference_state(self) -> PoolState:
         return PoolState()
 
-    def decode(self, x: Tensor, state: PoolState, valid: Tensor) -> Tensor:
-        """forward for cached generation (routing_pool=causal, eval): x [B, n, d] are the next n positions of
-        each row, `valid` [B, n] is 1 on tokens and 0 on padding. The first call (the prompt) pools as forward
-        does, padding apart from tokens, and keeps each row's running sum and count of token inputs in
-        `state`; later calls pool each new position over that prefix and itself, so no earlier input is kept.
-        The mean pool cannot decode this way: every new token changes every earlier token's routing."""
-        if self.routing_pool != "causal":
-            raise ValueError("PolyGLU.decode needs routing_pool='causal'; the whole-sequence mean recomputes")
+    def infer(self, x: Tensor, state: PoolState, valid: Tensor) -> Tensor:
+        """forward for eval's padded rows: x [B, n, d] are the next n positions of each row, `valid` [B, n] is 1 on
+        tokens and 0 on padding, and the pool leaves padding out.
+
+        mean (the paper's): one routing per row from the mean of its tokens, as forward routes one sequence. A call
+        holds the whole sequence: every new token would change every earlier token's routing, so nothing carries
+        over and generation recomputes.
+        causal: the first call (the prompt) pools as forward does, padding apart from tokens, and keeps each row's
+        running sum and count of token inputs in `state`; later calls pool each new position over that prefix
+        and itself, so no earlier input is kept (generation with a KV cache)."""
         rdt = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(rdt)
-            if state.total is None:
+            weight = valid[..., None].to(rdt)
+            if self.routing_pool == "mean":
+                pooled = (xf * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+            elif state.total is None:
                 pooled, _ = _segment_pool(xf, valid, causal=True)
-                weight = valid[..., None].to(rdt)
                 state.total, state.count = (xf * weight).sum(1, keepdim=True), weight.sum(1, keepdim=True)
             else:
                 totals = state.total + xf.cumsum(dim=1)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.inference import token_positions
 from models.output import ModelOutput, lm_output
 from models.polyglu import stats
 from models.polyglu.callbacks import RoutingEntropyWarning, TauSchedule
 from models.polyglu.ffn import PolyGLU
-from models.polyglu.transformer import DecodingCache, PolychromaticTransformer, TransformerShape
+from models.polyglu.transformer import InferenceCache, PolychromaticTransformer, TransformerShape
 
 
 def transformer_shape(cfg, vocab_size: int) -> TransformerShape:
@@ -82,19 +81,16 @@ class PolyGLULM(nn.Module):
     def context_window(self) -> int:
         return self.cfg.max_seq_len
 
-    def new_cache(self) -> DecodingCache | None:
+    def new_cache(self) -> InferenceCache | None:
         """A KV cache with routing_pool=causal. The whole-sequence mean pool has none: each new token changes the
         pooled input, so the routing, of every earlier token, and generation recomputes the whole sequence."""
-        return DecodingCache(self.net.layers) if self.cfg.routing_pool == "causal" else None
+        return InferenceCache(self.net.layers) if self.cfg.routing_pool == "causal" else None
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
-               cache: DecodingCache | None = None) -> tuple[torch.Tensor, DecodingCache | None]:
-        # Padding is a document of its own: attention and the routing pool stay inside each document.
-        if cache is None:
-            h = self.net.hidden_states(input_ids, document_ids=attention_mask,
-                                       positions=token_positions(attention_mask))
-        else:
-            h = self.net.decode(input_ids, attention_mask, cache)
+               cache: InferenceCache | None = None) -> tuple[torch.Tensor, InferenceCache | None]:
+        # Padding is a document of its own in attention and stays out of the routing pool; without a cache to keep,
+        # one is built for this call (the mean pool then routes each row once, not once per position).
+        h = self.net.infer(input_ids, attention_mask, InferenceCache(self.net.layers) if cache is None else cache)
         if last is not None:
             h = h[:, -last:]
         return self.net.lm_head(h), cache

@@ -70,21 +70,22 @@ class TransformerBlock(nn.Module):
         h = self.ffn_norm(x)
         return x + (self.ffn(h, document_ids=document_ids) if self._ffn_takes_document_ids else self.ffn(h))
 
-    def decode(self, x: torch.Tensor, ctx: AttentionContext, kv: KVCache, ffn_state, valid: torch.Tensor
-               ) -> torch.Tensor:
-        """forward for cached generation: `ffn_state` is what the FFN's `decode` carries between steps (None for
-        an FFN that mixes no positions, which runs as it is)."""
+    def infer(self, x: torch.Tensor, ctx: AttentionContext, kv: KVCache, ffn_state, valid: torch.Tensor
+              ) -> torch.Tensor:
+        """forward for eval's padded rows: `ffn_state` is what the FFN's `infer` carries between calls (None for an
+        FFN that mixes no positions, which runs as it is)."""
         x = x + self.attn(self.attn_norm(x), ctx, kv)
         h = self.ffn_norm(x)
-        return x + (self.ffn(h) if ffn_state is None else self.ffn.decode(h, ffn_state, valid))
+        return x + (self.ffn(h) if ffn_state is None else self.ffn.infer(h, ffn_state, valid))
 
 
-class DecodingCache:
-    """Per layer, the attention's keys and values and the FFN's decoding state (PolyGLU's causal pool)."""
+class InferenceCache:
+    """Per layer, the attention's keys and values and the FFN's inference state (PolyGLU's causal pool): kept across
+    the steps of cached generation, or built for one call and dropped."""
 
     def __init__(self, layers: nn.ModuleList):
         self.kv = [KVCache() for _ in layers]
-        self.ffn_states = [block.ffn.new_decode_state() if hasattr(block.ffn, "new_decode_state") else None
+        self.ffn_states = [block.ffn.new_inference_state() if hasattr(block.ffn, "new_inference_state") else None
                            for block in layers]
 
     @property
@@ -144,13 +145,10 @@ class PolychromaticTransformer(nn.Module):
                     nn.init.normal_(w, mean=0.0, std=std)
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d_model] (what the head multiplies); `positions` [B, T]: each row's
-        RoPE positions where they do not count from 0 (left padding)."""
+    def hidden_states(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model] (what the head multiplies)."""
         x = self.embed_tokens(input_ids)
-        ctx = attention_context(x, document_ids, self.shape.head_dim, self.shape.rope_theta, self.shape.max_seq_len,
-                                positions)
+        ctx = attention_context(x, document_ids, self.shape.head_dim, self.shape.rope_theta, self.shape.max_seq_len)
         use_ckpt = self.shape.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             if use_ckpt:
@@ -159,9 +157,9 @@ class PolychromaticTransformer(nn.Module):
                 x = block(x, ctx, document_ids)
         return self.norm(x)
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DecodingCache) -> torch.Tensor:
-        """hidden_states for cached generation (models/inference.py): the prompts first, padding kept apart as
-        its own document, then the new tokens of each step against the cache."""
+    def infer(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """hidden_states for eval's padded rows (models/inference.py): the prompts first, padding kept apart as its
+        own document, then, when the cache is kept, the new tokens of each step against it."""
         n = input_ids.shape[1]
         if attention_mask.shape[1] > self.shape.max_seq_len:
             raise ValueError(f"sequence length {attention_mask.shape[1]} exceeds max_seq_len {self.shape.max_seq_len}")
@@ -174,7 +172,7 @@ class PolychromaticTransformer(nn.Module):
             ctx = cached_step_context(attention_mask, positions, self.shape.head_dim, self.shape.rope_theta)
         valid = attention_mask[:, -n:]
         for block, kv, state in zip(self.layers, cache.kv, cache.ffn_states, strict=True):
-            x = block.decode(x, ctx, kv, state, valid)
+            x = block.infer(x, ctx, kv, state, valid)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None,
