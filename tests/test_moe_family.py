@@ -142,7 +142,7 @@ def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache, capsys
     assert generate_cli([str(whole), "--max-new-tokens", "64"]) == 2
     assert generate_cli([str(whole), "--temperature", "-1"]) == 2
     refusals = capsys.readouterr().err.splitlines()
-    assert len(refusals) == 2 and "exceeds the model's 64 positions (model.n_positions); ask for at most 63" \
+    assert len(refusals) == 2 and "exceeds the model's 64-position context; ask for at most 63" \
         in refusals[0] and "a temperature >= 0" in refusals[1]
 
     # Resume at step 3, mid-annealing: same noise, same losses, same weights as the uninterrupted run.
