@@ -86,11 +86,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     """lm-eval's simple_evaluate over the adapter; returns its results and the snapshot scored."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from eval.harness.adapter import DEFAULT_MAX_GEN_TOKS, RoutedLM
 
-    manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, args.include_path)])
+    manager = task_manager(args.tasks, args.include_path)
     check_tasks(manager, args.tasks, args.include_path)
     lm = RoutedLM(str(args.snapshot), batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                   max_gen_toks=args.max_gen_toks or DEFAULT_MAX_GEN_TOKS, seed=args.seed)
@@ -103,6 +102,18 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     except ConnectionError as err:  # datasets' "Couldn't reach '<dataset>' on the Hub"
         raise UserError(offline_message(args.tasks, err)) from None
     return results, args.snapshot
+
+
+def task_manager(names: list[str], include_paths: list[Path]):
+    """lm-eval's task index over this project's tasks and --include-path, and over lm-eval's own only when a task
+    asked for is not there: indexing all of lm-eval's YAMLs takes about 15 s."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR), *map(str, include_paths)]
+    local = TaskManager(include_defaults=False, include_path=paths)
+    if set(names) <= set(local.all_tasks):
+        return local
+    return TaskManager(include_path=paths)
 
 
 def check_tasks(manager, names: list[str], include_paths: list[Path]) -> None:
