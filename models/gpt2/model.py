@@ -89,7 +89,10 @@ class DenseGPT2(nn.Module):
         return self.hf.config.n_positions
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.hf.config)
+        try:
+            return DynamicCache(config=self.hf.config)
+        except TypeError:  # transformers before 4.56 builds it without the config
+            return DynamicCache()
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
                cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache | None]:
