@@ -91,7 +91,7 @@ class DenseGPT2(nn.Module):
     def new_cache(self) -> DynamicCache:
         try:
             return DynamicCache(config=self.hf.config)
-        except TypeError:  # transformers before 4.56 builds it without the config
+        except TypeError:  # older transformers build it without the config
             return DynamicCache()
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int | None = None,
