@@ -3,7 +3,7 @@
 The conflict: lm-eval's minerva_math500 scores two metrics. Its `exact_match` compares answers with sympy's LaTeX
 parser, which needs antlr4-python3-runtime 4.11 (`lm-eval[math]` pins it, and the task's utils module asserts it at
 import); hydra-core 1.3's generated grammar needs exactly 4.9.3. Its `math_verify` metric needs neither: math-verify
-parses LaTeX through latex2sympy2_extended, which ships parsers for 4.9.3 (`math-verify[antlr4_9_3]`).
+parses LaTeX through latex2sympy2_extended, which ships parsers for 4.9.3 (`math-verify[antlr4-9-3]`).
 
 The route: this project's minerva_math500 (it shadows lm-eval's, which cannot load next to Hydra) is lm-eval's task
 less `exact_match`. Its dataset, prompt, four few-shot examples, answer normalisation and stop string are lm-eval's
