@@ -38,12 +38,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
         raise ValueError(f"a {longest}-token prompt plus {max_new_tokens} new tokens exceeds the model's "
                          f"{window}-position context")
     device = next(model.parameters()).device
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = torch.tensor(list(prompt))
-        mask[row, longest - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_padded(prompts, pad_id, device)
 
     new: list[list[int]] = [[] for _ in prompts]
     texts: list[str | None] = [None] * len(prompts)
@@ -83,6 +78,20 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, st
             text = decode(tokens)
         out.append(Generated(tokens, text))
     return out
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [B, longest row] on `device`: each row's tokens at the right end, `pad_id` before them
+    with mask 0 (models/inference.py's layout for scoring and generation alike)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row))
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,

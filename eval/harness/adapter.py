@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data.chat.format import render
 from data.tokenizer import CHAT_MARKERS, IM_END, IM_START, TextTokenizer
-from eval.decoding import generate
+from eval.decoding import generate, left_padded
 from trainer.base.errors import UserError
 
 MODEL_NAME = "routed-lm"  # its name in lm-eval's model registry (once this module is imported)
@@ -139,7 +139,7 @@ class RoutedLM(TemplateLM):
     def _last_logprobs(self, rows: Sequence[Sequence[int]], last: int) -> torch.Tensor:
         """fp32 log-softmax of the logits at the last `last` positions of each row; rows are left-padded, so every
         row ends at the same column."""
-        ids, mask = _left_padded(rows, self.tok.eos_id, self._device)
+        ids, mask = left_padded(rows, self.tok.eos_id, self._device)
         with torch.no_grad():
             logits, _ = self.model.logits(ids, mask, last=min(last, ids.shape[1]))
         return F.log_softmax(logits.float(), dim=-1)
@@ -197,18 +197,6 @@ class RoutedLM(TemplateLM):
         sample = bool(settings.pop("do_sample", False))
         temperature = float(settings.pop("temperature", 1.0 if sample else 0.0) or 0.0)
         return until, new_tokens, temperature if sample else 0.0
-
-
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row))
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
