@@ -79,8 +79,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         if not path.is_dir():
             raise UserError(f"--include-path {path} is not a directory; pass one that holds task YAMLs")
     args.snapshot = snapshot_in(Path(args.snapshot))
-    if not args.snapshot.is_file():
-        raise UserError(f"{args.snapshot} does not exist; pass a run directory or one of its *.safetensors")
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
@@ -89,10 +87,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
 
     from eval.harness.adapter import DEFAULT_MAX_GEN_TOKS, RoutedLM
 
-    manager = task_manager(args.tasks, args.include_path)
-    check_tasks(manager, args.tasks, args.include_path)
+    # The model first: a snapshot that is missing or unreadable is refused (by the snapshot loader) before the task
+    # index is built.
     lm = RoutedLM(str(args.snapshot), batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                   max_gen_toks=args.max_gen_toks or DEFAULT_MAX_GEN_TOKS, seed=args.seed)
+    manager = task_manager(args.tasks, args.include_path)
+    check_tasks(manager, args.tasks, args.include_path)
     try:
         results = simple_evaluate(
             model=lm, tasks=list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit,
