@@ -29,6 +29,7 @@ from tqdm import tqdm
 from data.chat.format import render
 from data.tokenizer import CHAT_MARKERS, IM_END, IM_START, TextTokenizer
 from eval.decoding import generate, left_padded
+from eval.generate import load_snapshot_model, snapshot_in
 from trainer.base.errors import UserError
 
 MODEL_NAME = "routed-lm"  # its name in lm-eval's model registry (once this module is imported)
@@ -47,8 +48,6 @@ class RoutedLM(TemplateLM):
         if (snapshot is None) == (model is None):
             raise ValueError("pass snapshot=<path> or model= and tokenizer=")
         if snapshot is not None:
-            from eval.generate import load_snapshot_model, snapshot_in
-
             model, tokenizer, _ = load_snapshot_model(snapshot_in(Path(snapshot)))
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self._device, dtype=_dtype(dtype, self._device)).eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trainer.base.atomic_files import atomic_write_bytes
 
-STDERR_PREFIX = "_stderr"
+STDERR_SUFFIX = "_stderr"
 
 
 def results_json(results: dict) -> bytes:
@@ -43,9 +43,9 @@ def table_rows(results: dict) -> list[tuple[str, str, float, float | None, int |
             if key == "alias" or not isinstance(value, (int, float)):
                 continue
             metric, _, flt = key.partition(",")
-            if metric.endswith(STDERR_PREFIX) or (metrics is not None and metric not in metrics):
+            if metric.endswith(STDERR_SUFFIX) or (metrics is not None and metric not in metrics):
                 continue
-            stderr = scores.get(f"{metric}{STDERR_PREFIX},{flt}" if flt else f"{metric}{STDERR_PREFIX}")
+            stderr = scores.get(f"{metric}{STDERR_SUFFIX},{flt}" if flt else f"{metric}{STDERR_SUFFIX}")
             name = metric if flt in ("", "none") else f"{metric} ({flt})"
             rows.append((task, name, float(value), _number(stderr), n))
     return rows
