@@ -284,6 +284,26 @@ def test_an_unknown_task_is_refused_with_the_closest_names():
         check_tasks(Manager(), ["embedded_math", "gsm8"], [])
 
 
+def test_embedded_math_keeps_lm_evals_gsm8k_config_but_for_its_data_and_answer_budget():
+    """tasks/embedded_math.yaml is a copy (a YAML cannot `include:` lm-eval's file by a portable path): it must not
+    drift from lm-eval's gsm8k in prompt, few-shot, stop strings, filters or metric."""
+    from pathlib import Path
+
+    import lm_eval.tasks
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    from eval.harness.cli import TASKS_DIR
+
+    gsm8k = yaml.safe_load((Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml").read_text())
+    ours = TaskManager(include_defaults=False, include_path=str(TASKS_DIR)).task_index["embedded_math"].cfg
+    for key in ("output_type", "training_split", "fewshot_split", "test_split", "doc_to_text", "doc_to_target",
+                "metric_list", "filter_list", "num_fewshot", "repeats"):
+        assert ours[key] == gsm8k[key], key
+    assert ours["generation_kwargs"] == {**gsm8k["generation_kwargs"], "max_gen_toks": 128}
+    assert "dataset_path" not in ours and "custom_dataset" in ours
+
+
 def test_math500_is_scored_by_math_verify_without_antlr_4_11():
     from importlib.metadata import version
 
