@@ -14,6 +14,7 @@ from typing import Optional
 
 from trainer.base.checks import Rule, check_choices, check_rules
 from trainer.base.errors import UserError
+from trainer.base.metrics import ACROSS_DOMAINS
 
 
 @dataclass
@@ -142,6 +143,11 @@ def check_data(data: DataConfig, tokenizing: bool) -> None:
     check_rules(data, RULES, prefix="data.")
     if not data.domains:
         raise UserError("data.domains is empty; name at least one domain (for example code, math, prose)")
+    for name in data.domains:
+        # A domain names metric keys (eval/<domain>/loss): a slash would split it, and eval/router/ is taken.
+        if "/" in name or name == ACROSS_DOMAINS:
+            raise UserError(f"data.domains.{name}: a domain name may not contain '/' nor be '{ACROSS_DOMAINS}' "
+                            f"(eval/{ACROSS_DOMAINS}/* holds statistics across domains); rename it in the data entry")
     if data.source == "embedded" and any(d.dataset for d in data.domains.values()):
         raise UserError("data.source=embedded ignores data.domains.*.dataset; use data.source=hub for hub datasets")
     if data.source == "hub":

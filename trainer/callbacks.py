@@ -43,6 +43,12 @@ class CallbackList:
         reasons = [r for c in self.callbacks if (r := c.on_step_end(step, metrics))]
         return reasons[0] if reasons else None
 
+    def eval_statistics(self, metrics: EvalMetrics) -> dict:
+        derived: dict = {}
+        for c in self.callbacks:
+            derived.update(c.eval_statistics(metrics))
+        return derived
+
     def on_eval(self, step: int, metrics: EvalMetrics) -> str | None:
         reasons = [r for c in self.callbacks if (r := c.on_eval(step, metrics))]
         return reasons[0] if reasons else None

@@ -161,6 +161,7 @@ class TrainingLoop:
 
     def _eval(self) -> None:
         metrics = evaluate(self.engine, self.eval_sets, self.cfg.train.batch_size)
+        metrics.routing.update(self.callbacks.eval_statistics(metrics))
         flat = metrics.flat()
         self.state.last_eval = flat
         self.tracker.log(flat, step=self.state.step)

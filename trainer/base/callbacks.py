@@ -1,7 +1,8 @@
 """The callback protocol: what the loop calls after each update, at each eval and at the end of a run.
 
-Model families implement it for their schedules (router noise, tau) and monitors (collapse stop, entropy
-warning); the trainer adds its own (the non-finite loss guard). A callback's state (if any) goes into every
+Model families implement it for their schedules (router noise, tau), monitors (collapse stop, entropy warning)
+and per-eval statistics (MoE specialisation); the trainer adds its own (the non-finite loss guard, the routing
+analysis at the end of a run). A callback's state (if any) goes into every
 full checkpoint and comes back on resume.
 """
 
@@ -11,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable
 
-from trainer.base.metrics import EvalMetrics, StepMetrics
+from trainer.base.metrics import EvalMetrics, Stat, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,12 @@ class Callback:
     def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
         """Called after optimizer step `step` with that step's metrics; return a reason to stop early."""
         return None
+
+    def eval_statistics(self, metrics: EvalMetrics) -> dict[str, Stat]:
+        """Statistics this callback derives from an eval's domains together (the MoE family's domain-expert
+        information), by name; the loop adds them to the eval's `routing` before it is logged and on_eval runs,
+        so they are in metrics.jsonl and W&B as eval/router/<name>."""
+        return {}
 
     def on_eval(self, step: int, metrics: EvalMetrics) -> str | None:
         """Called after each eval; return a reason to stop early."""

@@ -1,7 +1,8 @@
 """Metric keys, defined once, and the structured metrics callbacks receive.
 
 A run's record is flat: metrics.jsonl lines and W&B keys such as train/loss, router/layer8/fraction/3,
-eval/code/loss, eval/code/router/layer8/fraction/3 and data/code/fraction. Every key is built by a function
+eval/code/loss, eval/code/router/layer8/fraction/3, eval/router/layer8/domain_mi (a statistic across an eval's
+domains) and data/code/fraction. Every key is built by a function
 here, and the one reader of such records, `EvalMetrics.from_flat`, is here too, so renaming a key cannot leave
 a reader silently finding nothing.
 
@@ -14,7 +15,7 @@ is a number or a vector (one value per expert, say); in flat keys a vector's ele
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Stat = float | list[float]
@@ -30,6 +31,8 @@ BLOCKS_WITHOUT_TARGETS = "train/blocks_without_targets"  # blocks in the update 
 EVAL_LOSS = "eval/loss"  # token-weighted over every domain
 EVAL_PPL = "eval/ppl"
 _ROUTER = "router/"
+# eval/router/<stat> holds statistics across an eval's domains, so no domain may take this name.
+ACROSS_DOMAINS = "router"
 
 
 def train_metric(name: str) -> str:
@@ -61,6 +64,11 @@ def eval_ppl(domain: str) -> str:
 
 def eval_router(domain: str, stat: str) -> str:
     return f"eval/{domain}/{_ROUTER}{stat}"
+
+
+def eval_router_across_domains(stat: str) -> str:
+    """A statistic a family derives from all of an eval's domains at once (MoE: domain-expert information)."""
+    return f"eval/{ACROSS_DOMAINS}/{stat}"
 
 
 def data_fraction(domain: str) -> str:
@@ -105,11 +113,13 @@ class DomainEval:
 
 @dataclass
 class EvalMetrics:
-    """One eval pass: per domain, and the token-weighted aggregate."""
+    """One eval pass: per domain, the token-weighted aggregate, and the routing statistics that compare the
+    domains (`routing`, from the families' callbacks: trainer.base.callbacks.Callback.eval_statistics)."""
 
     domains: dict[str, DomainEval] = field(default_factory=dict)
     loss: float | None = None
     ppl: float | None = None
+    routing: dict[str, Stat] = field(default_factory=dict)
 
     def flat(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -120,6 +130,8 @@ class EvalMetrics:
                 out[eval_ppl(domain)] = result.ppl
             for stat, value in result.routing.items():
                 out.update(flatten(eval_router(domain, stat), value))
+        for stat, value in self.routing.items():
+            out.update(flatten(eval_router_across_domains(stat), value))
         if self.loss is not None:
             out[EVAL_LOSS] = self.loss
         if self.ppl is not None:
@@ -136,20 +148,33 @@ class EvalMetrics:
         """Read back what flat() wrote: a metrics.jsonl eval line, or the last eval a checkpoint carries. Keys that
         are not eval keys (step, time) are ignored."""
         result = cls(loss=flat.get(EVAL_LOSS), ppl=flat.get(EVAL_PPL))
-        elements: dict[tuple[str, str], dict[int, float]] = {}
+        # (domain or None for across domains, stat) -> {element index: value}
+        elements: dict[tuple[str | None, str], dict[int, float]] = {}
         for key, value in flat.items():
             parts = key.split("/")
             if parts[0] != "eval" or len(parts) < 3:
                 continue
-            domain = result.domains.setdefault(parts[1], DomainEval())
-            if len(parts) == 3 and parts[2] in ("loss", "ppl"):
-                setattr(domain, parts[2], value)
-            elif parts[2] == _ROUTER.rstrip("/") and len(parts) > 3:
-                *stat, last = parts[3:]
-                if last.isdigit() and stat:
-                    elements.setdefault((parts[1], "/".join(stat)), {})[int(last)] = value
-                else:
-                    domain.routing["/".join(parts[3:])] = value
-        for (domain, stat), values in elements.items():
-            result.domains[domain].routing[stat] = [values[i] for i in sorted(values)]
+            if parts[1] == ACROSS_DOMAINS:
+                owner, routing, stat_parts = None, result.routing, parts[2:]
+            else:
+                domain = result.domains.setdefault(parts[1], DomainEval())
+                if len(parts) == 3 and parts[2] in ("loss", "ppl"):
+                    setattr(domain, parts[2], value)
+                    continue
+                if parts[2] != _ROUTER.rstrip("/") or len(parts) == 3:
+                    continue
+                owner, routing, stat_parts = parts[1], domain.routing, parts[3:]
+            *stat, last = stat_parts
+            if last.isdigit() and stat:
+                elements.setdefault((owner, "/".join(stat)), {})[int(last)] = value
+            else:
+                routing["/".join(stat_parts)] = value
+        for (owner, stat), values in elements.items():
+            routing = result.routing if owner is None else result.domains[owner].routing
+            routing[stat] = [values[i] for i in sorted(values)]
         return result
+
+
+def eval_history(rows: Iterable[Mapping[str, float]]) -> list[tuple[int, EvalMetrics]]:
+    """(step, eval) for every eval line of a run's record (metrics.jsonl rows, in order)."""
+    return [(int(row["step"]), EvalMetrics.from_flat(row)) for row in rows if EVAL_LOSS in row and "step" in row]
