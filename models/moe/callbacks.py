@@ -1,11 +1,11 @@
-"""The MoE family's callbacks: router-noise annealing, collapse detection, the expert-usage figure."""
+"""The MoE family's callbacks: router-noise annealing, collapse detection, domain specialisation at every eval."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from models.moe import stats
+from models.moe.specialisation import domain_expert_information
 from trainer.base import metrics as metric_keys
 from trainer.base.callbacks import Callback, StepSchedule
 from trainer.base.metrics import EvalMetrics, StepMetrics
@@ -68,16 +68,23 @@ class CollapseDetector(Callback):
         self.consecutive = int(state["consecutive"])
 
 
-class ExpertUsageFigure(Callback):
-    """At the end of training, draws expert usage per domain per layer from the last eval."""
+class DomainSpecialisation(Callback):
+    """At every eval, per MoE layer: I(domain; expert) and its normalised form (models/moe/specialisation.py), from
+    the eval's per-domain expert fractions; logged as eval/router/layer<L>/domain_mi[_norm]. Needs two domains."""
 
-    name = "expert_usage_figure"
+    name = "domain_specialisation"
 
-    def __init__(self, moe_layers: list[int], num_experts: int):
-        self.moe_layers, self.num_experts = moe_layers, num_experts
+    def __init__(self, moe_layers: list[int]):
+        self.moe_layers = list(moe_layers)
 
-    def on_train_end(self, run_dir, last_eval: EvalMetrics) -> None:
-        from models.moe.figures import plot_expert_usage
-
-        if last_eval.domains:
-            plot_expert_usage(last_eval, self.moe_layers, Path(run_dir) / "figures" / "expert_usage.png")
+    def eval_statistics(self, metrics: EvalMetrics) -> dict:
+        routed = {domain: result.routing for domain, result in metrics.domains.items() if result.routing}
+        if len(routed) < 2:
+            return {}
+        derived = {}
+        for layer in self.moe_layers:
+            information, normalised = domain_expert_information(
+                {domain: stats.expert_shares(routing, layer) for domain, routing in routed.items()})
+            derived[stats.domain_information(layer)] = information
+            derived[stats.domain_information_normalised(layer)] = normalised
+        return derived

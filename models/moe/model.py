@@ -13,7 +13,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from models.gpt2.model import DenseGPT2, load_gpt2
 from models.moe import stats
-from models.moe.callbacks import CollapseDetector, ExpertUsageFigure, RouterNoiseSchedule
+from models.moe.callbacks import CollapseDetector, DomainSpecialisation, RouterNoiseSchedule
 from models.moe.layer import MoEFeedForward
 from models.output import ModelOutput, lm_output
 
@@ -94,7 +94,7 @@ class MoEGPT2(DenseGPT2):
     def callbacks(self, cfg) -> list:
         m = self.model_cfg
         found = [RouterNoiseSchedule(self, m.noise_std, m.noise_anneal_fraction, cfg.train.max_steps),
-                 ExpertUsageFigure(self.moe_layers, self.num_experts)]
+                 DomainSpecialisation(self.moe_layers)]
         if m.collapse_stop:
             found.append(CollapseDetector(self.moe_layers, m.collapse_check_every, m.collapse_threshold,
                                           m.collapse_patience, topk=m.topk))

@@ -26,3 +26,13 @@ def expert_shares(routing: dict, layer: int) -> list[float]:
                            f"{', '.join(sorted(routing)) or 'none'}); the model's forward and models/moe/stats.py "
                            "disagree")
     return list(routing[name])
+
+
+def domain_information(layer: int) -> str:
+    """Across an eval's domains: I(domain; expert) of the layer (nats), models/moe/specialisation.py."""
+    return f"layer{layer}/domain_mi"
+
+
+def domain_information_normalised(layer: int) -> str:
+    """domain_information / its ceiling log(min(domains, experts)): 0 alike, 1 fully specialised."""
+    return f"layer{layer}/domain_mi_norm"
