@@ -178,20 +178,31 @@ class PolyGLU(nn.Module):
         Noise: an explicit gumbel_noise is always used (tests replay the same draw); otherwise it is drawn in
         training only, so eval routing is deterministic: g = softmax(logits / tau).
         """
-        rdt = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 when a test runs in fp64
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            pooled, first = _segment_pool(x.to(rdt), document_ids, causal=self.routing_pool == "causal")
-        return self._route_pooled(pooled, first, gumbel_noise)
+        pooled, first = self.pool(x, document_ids)
+        return self.route(pooled, first, gumbel_noise)
 
-    def _route_pooled(self, pooled: Tensor, first: Tensor | None, gumbel_noise: Tensor | None
-                      ) -> tuple[Tensor, Tensor]:
+    def pool(self, x: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """What gate_net reads: x pooled as routing_pool says (inside each document), [B, 1 or T, d] in fp32 (fp64
+        when x is); and `first`, as _segment_pool returns it."""
+        rdt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _segment_pool(x.to(rdt), document_ids, causal=self.routing_pool == "causal")
+
+    def gate(self, pooled: Tensor) -> Tensor:
+        """gate_net(pooled) [B, T', K], in the pooled input's precision: the input-dependent routing signal, which
+        beta scales into the logits. Weights upcast explicitly: a model cast wholesale to bf16 still routes in fp32."""
+        rdt = pooled.dtype
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            lin1, lin2 = self.gate_net[0], self.gate_net[2]
+            return F.linear(F.relu(F.linear(pooled, lin1.weight.to(rdt), lin1.bias.to(rdt))),
+                            lin2.weight.to(rdt), lin2.bias.to(rdt))
+
+    def route(self, pooled: Tensor, first: Tensor | None = None, gumbel_noise: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
         """routing() from the pooled inputs [B, 1 or T, d] (fp32 or fp64); `first` as _segment_pool returns it."""
         rdt = pooled.dtype
         with torch.autocast(device_type=pooled.device.type, enabled=False):
-            # Weights upcast explicitly: a model cast wholesale to bf16 must still route in fp32.
-            lin1, lin2 = self.gate_net[0], self.gate_net[2]
-            z = F.linear(F.relu(F.linear(pooled, lin1.weight.to(rdt), lin1.bias.to(rdt))),
-                         lin2.weight.to(rdt), lin2.bias.to(rdt))  # [B, T', K]
+            z = self.gate(pooled)  # [B, T', K]
             logits = self.alpha.to(rdt) + self.beta.to(rdt) * z[:, :, None, :]  # [B, T', d_ff, K]
             if gumbel_noise is not None:
                 noise = gumbel_noise.to(rdt).reshape(logits.shape)
@@ -251,7 +262,7 @@ class PolyGLU(nn.Module):
                 counts = state.count + torch.arange(1, x.shape[1] + 1, device=x.device, dtype=rdt)[:, None]
                 pooled = totals / counts
                 state.total, state.count = totals[:, -1:], counts[:, -1:]
-        logits, g = self._route_pooled(pooled, None, None)
+        logits, g = self.route(pooled)
         return self._mix(x, logits, g)
 
     def _mix(self, x: Tensor, logits: Tensor, g: Tensor) -> Tensor:
