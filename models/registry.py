@@ -5,7 +5,8 @@ A family is a package `models/<family>/` (or any importable package) with
 - `model.py`: `build(model_cfg, vocab_size, eos_id) -> nn.Module` whose forward(input_ids, document_ids=None,
   labels=None) returns models.output.ModelOutput (the batch contract: trainer/base/batch.py; lm_loss is the mean
   over scored targets, 0 when there are none), and which offers `architecture()` (what a checkpoint must match),
-  `no_weight_decay()` and `callbacks(cfg)` (schedules, monitors and figures, trainer.base.callbacks.Callback).
+  `no_weight_decay()` and `callbacks(cfg)` (schedules, monitors and statistics, trainer.base.callbacks.Callback);
+- `analysis.py` (routed families only): its routing figures, the contract in models/analysis.py.
 Adding a family: its folder, one line in FAMILIES, and conf/model/<family>.yaml (`defaults: [/schema/model/
 <family>@_here_, _self_]`). The loop reaches families only through here.
 """
@@ -13,6 +14,7 @@ Adding a family: its folder, one line in FAMILIES, and conf/model/<family>.yaml 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from trainer.base.errors import UserError
 
@@ -46,3 +48,11 @@ def config_schemas() -> dict[str, type]:
 def build_model(model_cfg, vocab_size: int, eos_id: int):
     module = importlib.import_module(f"{_package(model_cfg.family)}.model")
     return module.build(model_cfg, vocab_size=vocab_size, eos_id=eos_id)
+
+
+def routing_analysis(family: str):
+    """The family's `analysis` module (models/analysis.py), or None for a family without routing (dense)."""
+    package = _package(family)
+    if importlib.util.find_spec(f"{package}.analysis") is None:
+        return None
+    return importlib.import_module(f"{package}.analysis")
