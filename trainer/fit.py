@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from data.build import build_data
-from models.registry import build_model
+from models.registry import build_model, routing_analysis
 from trainer.base.metrics import EVAL_LOSS
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.checkpoint import FINAL_MODEL, Checkpointer, snapshot_paths
@@ -21,6 +21,7 @@ from trainer.engines import build_engine
 from trainer.loop import TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import seed_everything
+from trainer.routing_analysis import RoutingAnalysis
 from trainer.run_state import LoopState
 from trainer.stop_signals import StopSignals
 from trainer.tracking import METRICS_FILE, SUMMARY_FILE, Tracker
@@ -102,7 +103,9 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     stream = data.train_stream(cfg.train.batch_size, seed=cfg.run.seed, rank=engine.rank,
                                world_size=engine.world_size, micro_steps_per_update=cfg.train.grad_accum_steps,
                                max_steps=cfg.train.max_steps)
-    callbacks = CallbackList([NonFiniteLossGuard(), *model.callbacks(cfg)])
+    analysis = routing_analysis(cfg.model.family)
+    callbacks = CallbackList([NonFiniteLossGuard(), *model.callbacks(cfg),
+                              *([RoutingAnalysis(analysis, model, data.eval)] if analysis else [])])
 
     state = LoopState()
     if start_from is not None:
