@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from eval.analyze import main as analyze_cli
 from eval.decoding import generate
 from eval.generate import load_snapshot_model
 from eval.generate import main as generate_cli
@@ -130,7 +132,16 @@ def test_moe_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache, capsys
     for domain in ("code", "math", "prose"):
         usage = [last_eval[f"eval/{domain}/router/layer1/fraction/{e}"] for e in range(4)]
         assert sum(usage) == pytest.approx(1.0)
-    assert (whole / "figures" / "expert_usage.png").stat().st_size > 1000
+    evals = [r for r in rows if "eval/loss" in r]
+    assert all(0 <= r["eval/router/layer1/domain_mi"] <= math.log(3) + 1e-9 and
+               0 <= r["eval/router/layer1/domain_mi_norm"] <= 1 + 1e-9 for r in evals), "specialisation at every eval"
+    figures = whole / "figures"
+    assert {p.name for p in figures.iterdir()} == {"expert_usage.png", "specialisation_over_time.png"}
+    # The CLI redraws them from the record, elsewhere; --prompts is for analyses that run the model.
+    assert analyze_cli([str(whole / "final-model.safetensors"), "--output", str(tmp_path / "again"),
+                        "--prompts", "unused.jsonl"]) == 0
+    assert {p.name for p in (tmp_path / "again").iterdir()} == {"expert_usage.png", "specialisation_over_time.png"}
+    assert "--prompts is read by analyses that run the model" in capsys.readouterr().err
 
     sidecar = json.loads((whole / "final-model.json").read_text())
     assert sidecar["mode"] == "moe" and sidecar["architecture"]["moe_layers"] == [1]
@@ -240,14 +251,14 @@ def test_collapse_stop_fails_loudly_when_the_model_stops_reporting_it(monkeypatc
         detector.on_step_end(1, _step_metrics(moe))
 
 
-def test_expert_usage_figure_skips_domains_evaluated_without_routing(tmp_path):
+def test_expert_usage_figure_skips_domains_evaluated_without_routing():
     """Under torchrun, a domain with fewer eval blocks than processes is evaluated without routing statistics: the
     figure draws the others. A domain whose routing lacks the fractions is a bug and stops the figure loudly."""
-    from models.moe.figures import plot_expert_usage
+    from models.moe.figures import draw_expert_usage
 
     evaluation = EvalMetrics.from_flat({"eval/loss": 3.0, "eval/code/loss": 3.0, "eval/math/loss": 3.1,
                                         **{f"eval/code/router/layer1/fraction/{e}": 0.25 for e in range(4)}})
-    assert plot_expert_usage(evaluation, [1], tmp_path / "usage.png").stat().st_size > 1000
-    assert plot_expert_usage(EvalMetrics.from_flat({"eval/code/loss": 3.0}), [1], tmp_path / "none.png") is None
+    assert [ax.get_title() for ax in draw_expert_usage(evaluation, [1]).axes if ax.get_title()] == ["code"]
+    assert draw_expert_usage(EvalMetrics.from_flat({"eval/code/loss": 3.0}), [1]) is None
     with pytest.raises(RuntimeError, match="reported no routing statistic 'layer2/fraction'"):
-        plot_expert_usage(evaluation, [1, 2], tmp_path / "bad.png")
+        draw_expert_usage(evaluation, [1, 2])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
+from eval.analyze import main as analyze_cli
 from eval.decoding import generate
 from eval.generate import load_snapshot_model
 from eval.param_count import count
@@ -19,6 +21,7 @@ from tests.test_train_e2e import assert_same_weights, metrics, train_losses
 from trainer.base.metrics import EvalMetrics
 from trainer.optim import parameter_groups
 
+PROMPTS = Path(__file__).resolve().parents[1] / "eval" / "prompts" / "math_categories.jsonl"
 TINY = dict(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, max_seq_len=64)
 TINY_CLI = ["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.head_dim=8", "model.max_seq_len=64"]
@@ -102,6 +105,23 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     assert [r["step"] for r in train_rows if "router/static_entropy/mean" in r] == [3, 6]
     last_eval = [r for r in rows if "eval/loss" in r][-1]
     assert all(f"eval/{d}/router/dynamic_entropy/layer1" in last_eval for d in ("code", "math", "prose"))
+
+    seven = {"entropy_stats.json", "neurotransmitter_heatmap.png", "layer_distribution.png", "entropy_per_layer.png",
+             "entropy_histogram.png", "dynamic_routing_comparison.png", "routing_shift_summary.png"}
+    assert {p.name for p in (whole / "figures").iterdir()} == seven, "drawn at the end of the run"
+    at_end = json.loads((whole / "figures" / "entropy_stats.json").read_text())
+    assert set(at_end["dynamic"]["categories"]) == {"code", "math", "prose"}, "by default the eval domains"
+    # The CLI, on the snapshot with the seed's named categories, and on the run directory with its eval domains.
+    assert analyze_cli([str(whole / "final-model.safetensors"), "--prompts", str(PROMPTS), "--output",
+                        str(tmp_path / "math")]) == 0
+    named = json.loads((tmp_path / "math" / "entropy_stats.json").read_text())
+    assert list(named["dynamic"]["categories"]) == ["arithmetic", "algebra", "geometry"]
+    assert named["static"] == at_end["static"], "static routing is the weights alone"
+    assert {p.name for p in (tmp_path / "math").iterdir()} == seven
+    assert analyze_cli([str(whole), "--output", str(tmp_path / "domains"), "--max-blocks", "2"]) == 0
+    redrawn = json.loads((tmp_path / "domains" / "entropy_stats.json").read_text())
+    assert set(redrawn["dynamic"]["categories"]) == {"code", "math", "prose"}
+    assert all(c["tokens"] in (64, 128) for c in redrawn["dynamic"]["categories"].values()), "<= 2 blocks a domain"
 
     model, tokenizer, meta = load_snapshot_model(whole / "final-model.safetensors")
     assert meta["architecture"]["n_kv_heads"] == 2

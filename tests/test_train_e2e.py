@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, TINY_GPT2, assert_ok, clean_env, compose_validated, tiny_run
+from tests.conftest import ROOT, TINY, TINY_GPT2, assert_ok, clean_env, compose_validated, tiny_run
 from trainer.base.errors import UserError
 from trainer.checkpoint import REQUIRED_KEYS, SIDECAR_REQUIRED_KEYS
 
@@ -73,6 +75,12 @@ def test_dense_shakedown_end_to_end_writes_the_seed_contract(tmp_path, data_cach
     best = json.loads((run_dir / "best-model.json").read_text())
     assert best["metrics_summary"]["eval/loss"] == pytest.approx(min(r["eval/loss"] for r in evals))
     assert (run_dir / "resolved_config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+    # A dense run has no routing: no figures at its end, and the analysis CLI says so in one line.
+    assert not (run_dir / "figures").exists()
+    analysed = subprocess.run([sys.executable, "-m", "eval.analyze", str(run_dir)], cwd=ROOT, env=clean_env(),
+                              capture_output=True, text=True)
+    assert analysed.returncode == 0 and analysed.stdout == f"{run_dir}: a dense run has no routing to analyse\n"
 
 
 def test_resume_from_step_n_equals_an_uninterrupted_run(tmp_path, data_cache):
