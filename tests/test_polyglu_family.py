@@ -68,6 +68,20 @@ def test_forward_reports_tau_and_routing_entropies_and_optional_regulariser():
     assert regularised.ffns()[0].alpha.grad is not None
 
 
+def test_tau_is_saved_with_the_weights_and_older_state_dicts_still_load():
+    trained = tiny_model()
+    trained.set_tau(0.25)
+    state = trained.state_dict()
+    assert state["net.layers.1.ffn._extra_state"].item() == 0.25
+    restored = tiny_model()
+    restored.load_state_dict(state)
+    assert [f.tau for f in restored.ffns()] == [0.25, 0.25]
+    older = {k: v for k, v in state.items() if not k.endswith("_extra_state")}  # written before tau was saved
+    fresh = tiny_model()
+    fresh.load_state_dict(older)
+    assert [f.tau for f in fresh.ffns()] == [1.0, 1.0]
+
+
 def test_entropy_warning_fires_below_the_threshold(caplog):
     warn = RoutingEntropyWarning(0.3)
     with caplog.at_level(logging.WARNING):
@@ -125,6 +139,8 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
 
     model, tokenizer, meta = load_snapshot_model(whole / "final-model.safetensors")
     assert meta["architecture"]["n_kv_heads"] == 2
+    assert all(f.tau == pytest.approx(0.1) for f in model.ffns()), "the snapshot routes at its trained tau"
+    assert named["tau"] == at_end["tau"] == pytest.approx(0.1)
     assert len(generate(model, [tokenizer.encode("x = ")], 4)[0].tokens) == 4
 
     assert_ok(tiny_run(tmp_path, data_cache, *common, f"run.resume={whole / 'ckpt-step-3.pt'}", name="resumed",

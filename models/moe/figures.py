@@ -103,6 +103,6 @@ def draw_specialisation(history: list[tuple[int, EvalMetrics]], moe_layers: list
                 ax.set_ylabel("expert's tokens by domain")
             if row == len(moe_layers):
                 ax.set_xlabel("expert")
-            if row == 1 and col == len(picks) - 1:
-                ax.legend(fontsize=7, loc="upper right")
+    handles, labels = fig.axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     return fig

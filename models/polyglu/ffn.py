@@ -163,6 +163,19 @@ class PolyGLU(nn.Module):
         self.last_routing: dict[str, Tensor] = {}
         self.last_entropy: Tensor | None = None
 
+    # tau travels with the weights (state_dict key `<layer>._extra_state`): a snapshot routes at the temperature its
+    # last update trained with (0.1 at the end of an annealed run), not at the 1.0 a freshly built layer starts at.
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.tau, dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.tau = float(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Snapshots and checkpoints written before tau was saved load with the layer's current tau, as they did.
+        state_dict.setdefault(f"{prefix}_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_parameters(self) -> None:
         for lin in (self.W_gate, self.W_up, self.W_down, self.gate_net[0], self.gate_net[2]):
             lin.reset_parameters()
