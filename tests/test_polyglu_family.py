@@ -120,9 +120,10 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     last_eval = [r for r in rows if "eval/loss" in r][-1]
     assert all(f"eval/{d}/router/dynamic_entropy/layer1" in last_eval for d in ("code", "math", "prose"))
 
-    seven = {"entropy_stats.json", "neurotransmitter_heatmap.png", "layer_distribution.png", "entropy_per_layer.png",
-             "entropy_histogram.png", "dynamic_routing_comparison.png", "routing_shift_summary.png"}
-    assert {p.name for p in (whole / "figures").iterdir()} == seven, "drawn at the end of the run"
+    outputs = {"entropy_stats.json", "dynamic_routing.npz", "neurotransmitter_heatmap.png", "layer_distribution.png",
+               "entropy_per_layer.png", "entropy_histogram.png", "dynamic_routing_comparison.png",
+               "routing_shift_summary.png"}
+    assert {p.name for p in (whole / "figures").iterdir()} == outputs, "drawn at the end of the run"
     at_end = json.loads((whole / "figures" / "entropy_stats.json").read_text())
     assert set(at_end["dynamic"]["categories"]) == {"code", "math", "prose"}, "by default the eval domains"
     # The CLI, on the snapshot with the seed's named categories, and on the run directory with its eval domains.
@@ -131,7 +132,7 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     named = json.loads((tmp_path / "math" / "entropy_stats.json").read_text())
     assert list(named["dynamic"]["categories"]) == ["arithmetic", "algebra", "geometry"]
     assert named["static"] == at_end["static"], "static routing is the weights alone"
-    assert {p.name for p in (tmp_path / "math").iterdir()} == seven
+    assert {p.name for p in (tmp_path / "math").iterdir()} == outputs
     assert analyze_cli([str(whole), "--output", str(tmp_path / "domains"), "--max-blocks", "2"]) == 0
     redrawn = json.loads((tmp_path / "domains" / "entropy_stats.json").read_text())
     assert set(redrawn["dynamic"]["categories"]) == {"code", "math", "prose"}

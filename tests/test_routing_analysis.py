@@ -128,14 +128,20 @@ def test_a_28_layer_model_gets_every_output_with_a_panel_per_layer(tmp_path):
     evidence = RoutingEvidence(architecture=model.architecture(), model=model, samples=samples)
     written = routing_analysis("polyglu").analyze(evidence, tmp_path)
     assert sorted(p.name for p in written) == sorted([
-        "entropy_stats.json", "neurotransmitter_heatmap.png", "layer_distribution.png", "entropy_per_layer.png",
-        "entropy_histogram.png", "dynamic_routing_comparison.png", "routing_shift_summary.png"])
+        "entropy_stats.json", "dynamic_routing.npz", "neurotransmitter_heatmap.png", "layer_distribution.png",
+        "entropy_per_layer.png", "entropy_histogram.png", "dynamic_routing_comparison.png",
+        "routing_shift_summary.png"])
     stats = json.loads((tmp_path / "entropy_stats.json").read_text())
     assert stats["layers"] == 28 and len(stats["static"]["per_layer"]["mean"]) == 28
     assert set(stats["dynamic"]["categories"]) == {"a", "b"}
     for category in stats["dynamic"]["categories"].values():
         assert np.allclose(np.sum(category["routing_probability"], axis=1), 1.0), "a distribution per layer"
         assert len(category["gate_output"]) == 28 and category["tokens"] == 12
+    with np.load(tmp_path / "dynamic_routing.npz") as saved:  # no allow_pickle: plain arrays only
+        assert saved["categories"].tolist() == ["a", "b"] and saved["probability"].shape == (2, 28, 8, 4)
+        assert np.allclose(saved["probability"].sum(-1), 1.0, atol=1e-5), "per neuron, what routing used"
+        per_layer = stats["dynamic"]["categories"]["a"]["routing_probability"]
+        assert np.allclose(saved["probability"][0].mean(1), per_layer, atol=1e-6)
     dynamic = polyglu_analysis.dynamic_routing(model, samples)
     panels = polyglu_figures.draw_dynamic_comparison({c: r.logit_shift for c, r in dynamic.items()}).axes
     assert [ax.get_title() for ax in panels] == [f"layer {i}" for i in range(28)]

@@ -152,8 +152,21 @@ def entropy_stats(static: StaticRouting, dynamic: dict[str, CategoryRouting], ta
     return stats
 
 
+def save_dynamic_routing(dynamic: dict[str, CategoryRouting], path: Path) -> Path:
+    """dynamic_routing.npz: per category (in `categories` order), what routing used per neuron, for analyses of
+    one's own: probability [C, layers, d_ff, K], entropy [C, layers, d_ff], gate_output and logit_shift
+    [C, layers, K], tokens [C]. Plain arrays: np.load reads it without unpickling."""
+    names = list(dynamic)
+    arrays = {field: np.stack([getattr(dynamic[n], field).numpy() for n in names]).astype(np.float32)
+              for field in ("probability", "entropy", "gate_output", "logit_shift")}
+    np.savez_compressed(path, categories=np.array(names), tokens=np.array([dynamic[n].tokens for n in names]),
+                        **arrays)
+    return path
+
+
 def analyze(evidence: RoutingEvidence, out_dir: Path) -> list[Path]:
-    """The seven outputs into out_dir; the two dynamic figures need samples (at least one category)."""
+    """The seed's seven outputs into out_dir, and with samples dynamic_routing.npz (the per-neuron routing used);
+    the two dynamic figures need samples (at least one category)."""
     model, out_dir = evidence.model, Path(out_dir)
     ffns = model.ffns()
     static = static_routing([ffn.alpha for ffn in ffns])
@@ -167,9 +180,11 @@ def analyze(evidence: RoutingEvidence, out_dir: Path) -> list[Path]:
                  np.array(stats["static"]["preferred_share"])),
              "entropy_per_layer.png": polyglu_figures.draw_entropy_per_layer(stats),
              "entropy_histogram.png": polyglu_figures.draw_entropy_histogram(static.entropy)}
+    written = [stats_path]
     if dynamic:
+        written.append(save_dynamic_routing(dynamic, out_dir / "dynamic_routing.npz"))
         drawn["dynamic_routing_comparison.png"] = polyglu_figures.draw_dynamic_comparison(
             {name: r.logit_shift for name, r in dynamic.items()})
         drawn["routing_shift_summary.png"] = polyglu_figures.draw_routing_shift(
             category_shift(dynamic, "logit_shift"), category_shift(dynamic, "probability"), list(dynamic))
-    return [stats_path, *(figures.save(fig, out_dir / name) for name, fig in drawn.items())]
+    return [*written, *(figures.save(fig, out_dir / name) for name, fig in drawn.items())]
