@@ -26,6 +26,7 @@ from models.analysis import RoutingEvidence
 from models.registry import routing_analysis
 from trainer.base.errors import UserError
 from trainer.checkpoint import load_model_snapshot
+from trainer.checkpoint.files import SIDECAR_SUFFIX
 from trainer.config.validate import RECORDED_CONFIG, validate
 from trainer.routing_analysis import FIGURES_DIR, SAMPLE_BLOCKS, eval_samples, read_eval_history
 from trainer.tracking import METRICS_FILE
@@ -82,7 +83,8 @@ def family_and_architecture(run_dir: Path, snapshot: Path | None) -> tuple[str, 
 
 
 def load_model_snapshot_meta(snapshot: Path) -> dict:
-    sidecar = snapshot.with_suffix(".json")
+    """The sidecar alone when it is beside the weights (no tensors read), else the metadata the weights carry."""
+    sidecar = snapshot.with_suffix(SIDECAR_SUFFIX)
     if sidecar.is_file():
         return json.loads(sidecar.read_text())
     return load_model_snapshot(snapshot)[1]

@@ -122,11 +122,10 @@ def _layer_spread(values: Tensor) -> dict:
             "mean": mean, "std": float(values.std(unbiased=False)), "normalised": mean / UNIFORM_ENTROPY}
 
 
-def category_shift(dynamic: dict[str, CategoryRouting], name: str) -> Tensor:
-    """[layers, K]: max minus min across categories of a per-layer quantity (probability: mean over neurons)."""
-    per_category = torch.stack([getattr(r, name).mean(1) if name == "probability" else getattr(r, name)
-                                for r in dynamic.values()])
-    return per_category.max(0).values - per_category.min(0).values
+def spread_across_categories(per_category: list[Tensor]) -> Tensor:
+    """[layers, K]: max minus min across categories of a [layers, K] quantity."""
+    stacked = torch.stack(per_category)
+    return stacked.max(0).values - stacked.min(0).values
 
 
 def entropy_stats(static: StaticRouting, dynamic: dict[str, CategoryRouting], tau: float) -> dict:
@@ -146,8 +145,10 @@ def entropy_stats(static: StaticRouting, dynamic: dict[str, CategoryRouting], ta
                                   "gate_output": r.gate_output.tolist(), "logit_shift": r.logit_shift.tolist(),
                                   "routing_probability": r.probability.mean(1).tolist()}
                            for name, r in dynamic.items()},
-            "shift_across_categories": {"logit_shift": category_shift(dynamic, "logit_shift").tolist(),
-                                        "routing_probability": category_shift(dynamic, "probability").tolist()},
+            "shift_across_categories": {
+                "logit_shift": spread_across_categories([r.logit_shift for r in dynamic.values()]).tolist(),
+                "routing_probability": spread_across_categories(
+                    [r.probability.mean(1) for r in dynamic.values()]).tolist()},
         }
     return stats
 
@@ -185,6 +186,7 @@ def analyze(evidence: RoutingEvidence, out_dir: Path) -> list[Path]:
         written.append(save_dynamic_routing(dynamic, out_dir / "dynamic_routing.npz"))
         drawn["dynamic_routing_comparison.png"] = polyglu_figures.draw_dynamic_comparison(
             {name: r.logit_shift for name, r in dynamic.items()})
+        shift = stats["dynamic"]["shift_across_categories"]
         drawn["routing_shift_summary.png"] = polyglu_figures.draw_routing_shift(
-            category_shift(dynamic, "logit_shift"), category_shift(dynamic, "probability"), list(dynamic))
+            np.array(shift["logit_shift"]), np.array(shift["routing_probability"]), list(dynamic))
     return [*written, *(figures.save(fig, out_dir / name) for name, fig in drawn.items())]

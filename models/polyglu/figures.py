@@ -121,16 +121,16 @@ def draw_dynamic_comparison(logit_shift: dict[str, Tensor]):
     return fig
 
 
-def draw_routing_shift(logit_range: Tensor, probability_range: Tensor, categories: list[str]):
-    """routing_shift_summary: per layer and activation, max minus min across categories of the input-dependent
-    logit and of the routing probability that was used (mean over neurons)."""
+def draw_routing_shift(logit_range: np.ndarray, probability_range: np.ndarray, categories: list[str]):
+    """routing_shift_summary: per layer and activation ([layers, K] each), max minus min across categories of the
+    input-dependent logit and of the routing probability that was used (mean over neurons)."""
     plt = pyplot()
     layers = logit_range.shape[0]
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 1.6 + 0.28 * layers), constrained_layout=True)
     panels = ((logit_range, "logit beta · gate_net", "{:.2f}"),
               (probability_range * 100, "routing probability used (points)", "{:.1f}"))
     for ax, (values, title, fmt) in zip(axes, panels, strict=True):
-        image = ax.imshow(values.numpy(), cmap="magma", aspect="auto", vmin=0)
+        image = ax.imshow(values, cmap="magma", aspect="auto", vmin=0)
         ax.set_xticks(range(len(ACTIVATIONS)), LABELS)
         ax.set_ylabel("layer")
         _layer_ticks(ax, layers)
@@ -138,7 +138,7 @@ def draw_routing_shift(logit_range: Tensor, probability_range: Tensor, categorie
         fig.colorbar(image, ax=ax)
         if layers <= 32:
             vmax = float(values.max()) or 1.0
-            for (row, col), value in np.ndenumerate(values.numpy()):
+            for (row, col), value in np.ndenumerate(values):
                 ax.text(col, row, fmt.format(value), ha="center", va="center", fontsize=7,
                         color="white" if value < 0.6 * vmax else "black")
     fig.suptitle(f"Routing shift across {len(categories)} categories (max − min): {', '.join(categories)}")
