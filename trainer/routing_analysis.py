@@ -4,7 +4,6 @@ for a finished run or snapshot, and takes named prompt categories instead of the
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 from models.analysis import RoutingEvidence
 from trainer.base.callbacks import Callback
 from trainer.base.metrics import EvalMetrics, eval_history
-from trainer.tracking import METRICS_FILE
+from trainer.tracking import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +21,8 @@ SAMPLE_BLOCKS = 8  # eval blocks per domain that a model-reading analysis runs t
 
 
 def read_eval_history(run_dir: Path) -> list[tuple[int, EvalMetrics]]:
-    """(step, eval) of every eval in the run's metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return eval_history(rows)
+    """(step, eval) of every eval in the run's metrics.jsonl."""
+    return eval_history(read_metrics(run_dir))
 
 
 def eval_samples(eval_sets: dict, max_blocks: int = SAMPLE_BLOCKS) -> dict[str, list[dict]]:

@@ -20,6 +20,7 @@ from typing import Any, Self
 from urllib.parse import urlparse
 
 from trainer.base.atomic_files import atomic_write_bytes
+from trainer.base.errors import one_line
 from trainer.base.json_files import to_json_bytes
 from trainer.config.schema import TrackingConfig
 
@@ -33,11 +34,6 @@ REACHABILITY_TIMEOUT_S = 3.0
 # Measured (wandb 0.31): ~0.6 s service start beyond init_timeout, ~2 s teardown after a hung init.
 SERVICE_OVERHEAD_S = 3.0
 _RESERVED_KEYS = ("step", "time")
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _unreachable_reason(base_url: str, timeout_s: float) -> str | None:
@@ -96,6 +92,24 @@ def resolve_wandb_mode(configured: str) -> str:
     return "online" if wandb_credentials_configured() else "offline"
 
 
+def parse_metrics_line(line: str) -> dict[str, Any] | None:
+    """One record of metrics.jsonl, or None for a line that is not one: the torn last line of a crashed write."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's metrics.jsonl, in order (none when it has none); a torn line is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [record for line in path.read_text(encoding="utf-8").splitlines()
+            if (record := parse_metrics_line(line)) is not None]
+
+
 class Tracker:
     """Writes one JSON line per `log` call and mirrors it to W&B; `wandb_mode` says what W&B really did.
 
@@ -147,15 +161,8 @@ class Tracker:
                 log.warning("fresh run in %s: moved the existing %s to %s", self.run_dir, METRICS_FILE, kept.name)
             return
         original = self.metrics_path.read_text(encoding="utf-8")
-        kept_lines = []
-        for line in original.splitlines():
-            try:
-                record = json.loads(line)
-                step = record["step"]
-            except (ValueError, TypeError, KeyError):
-                continue  # the torn last line of a crashed write
-            if step <= resume_step:
-                kept_lines.append(line)
+        kept_lines = [line for line in original.splitlines()
+                      if (record := parse_metrics_line(line)) is not None and record["step"] <= resume_step]
         trimmed = "".join(f"{line}\n" for line in kept_lines)
         if trimmed != original:
             atomic_write_bytes(self.metrics_path, trimmed.encode("utf-8"))
@@ -231,7 +238,7 @@ class Tracker:
         if not self._wandb_failure_reported:
             self._wandb_failure_reported = True
             log.warning("W&B %s failed (%s); further W&B errors are not reported, metrics.jsonl is complete",
-                        action, _one_line(err))
+                        action, one_line(err, with_type=True))
 
     def _run_id(self, resuming: bool) -> str:
         id_path = self.run_dir / RUN_ID_FILE
@@ -252,7 +259,8 @@ class Tracker:
             import wandb
         except Exception as err:
             self.wandb_mode = "unavailable"
-            log.warning("wandb could not be imported (%s); metrics go to %s only", _one_line(err), METRICS_FILE)
+            log.warning("wandb could not be imported (%s); metrics go to %s only", one_line(err, with_type=True),
+                        METRICS_FILE)
             return
         common = {
             "project": cfg.wandb_project,
@@ -275,7 +283,8 @@ class Tracker:
         except Exception as err:
             _discard_wandb_service(wandb)
             self.wandb_mode = "unavailable"
-            log.warning("W&B offline init failed (%s); metrics go to %s only", _one_line(err), METRICS_FILE)
+            log.warning("W&B offline init failed (%s); metrics go to %s only", one_line(err, with_type=True),
+                        METRICS_FILE)
 
     def _init_online(self, wandb: Any, common: dict[str, Any], deadline: float, budget_s: float) -> str | None:
         """Try an online run before `deadline`; returns None on success, else why it failed."""
@@ -294,7 +303,7 @@ class Tracker:
             self._adopt(wandb.init(mode="online", settings=settings, **common))
         except Exception as err:
             _discard_wandb_service(wandb)
-            return _one_line(err)
+            return one_line(err, with_type=True)
         return None
 
     def _adopt(self, run: Any) -> None:

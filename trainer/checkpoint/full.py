@@ -20,7 +20,7 @@ import torch
 
 from models.registry import config_schemas
 from trainer.base.atomic_files import atomic_path
-from trainer.base.errors import UserError
+from trainer.base.errors import UserError, one_line
 from trainer.checkpoint.files import checkpoint_path, list_full_checkpoints
 from trainer.config.explain import as_override
 
@@ -87,12 +87,6 @@ def save_full_checkpoint(run_dir: str | os.PathLike, step: int, payload: dict[st
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an error's message, for refusals that must fit on one line."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _read_checkpoint(path: Path, mmap: bool = False) -> Any:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from trainer.base.atomic_files import atomic_write_bytes
-from trainer.base.errors import UserError
+from trainer.base.errors import UserError, one_line
 from trainer.base.json_files import to_json_bytes
 from trainer.checkpoint.files import SIDECAR_SUFFIX, WEIGHTS_SUFFIX, checkpoint_step, model_step_stem, snapshot_paths
-from trainer.checkpoint.full import FORMAT_VERSION, one_line
+from trainer.checkpoint.full import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
