@@ -173,7 +173,9 @@ def test_a_saved_step_comes_back_whole(tmp_path):
         "ckpt-step-3.pt", "model-step-3.json", "model-step-3.safetensors"]
     payload = torch.load(run_dir / "ckpt-step-3.pt", map_location="cpu", weights_only=True)
     assert (payload["format_version"], payload["step"], payload["engine"]) == (1, 3, "single")
+    wall_time = payload["loop_state"].pop("wall_time_s")  # of every launch so far: a resumed run carries it on
     assert payload["loop_state"] == {"tokens_seen": 96, "best_eval_loss": 3.5, "last_eval": {"eval/loss": 3.5}}
+    assert 0 < wall_time < 600
     assert set(payload["optimizer_state_dict"]["state"]) <= set(dict(run.engine.model.named_parameters()))
     sidecar = json.loads((run_dir / "model-step-3.json").read_text())
     assert sidecar["metrics_summary"] == {"eval/loss": 3.5, "best_eval_loss": 3.5, "tokens_seen": 96}
@@ -183,6 +185,7 @@ def test_a_saved_step_comes_back_whole(tmp_path):
     resumed.checkpointer.restore(run_dir / "ckpt-step-3.pt", resumed.stream, resumed.callbacks, resumed.state)
     assert torch.equal(torch.rand(4), expected_draw)
     assert (resumed.state.step, resumed.state.tokens_seen, resumed.state.last_eval) == (3, 96, {"eval/loss": 3.5})
+    assert resumed.state.earlier_wall_time_s == wall_time and resumed.state.wall_time_s >= wall_time
     assert (resumed.stream.position, resumed.counter.count) == (6, 3)
     assert resumed.engine.scheduler.last_epoch == run.engine.scheduler.last_epoch == 3
     for (name, saved), (_, restored) in zip(run.engine.model.state_dict().items(),

@@ -68,3 +68,7 @@ def test_an_error_escaping_a_step_closes_the_bar_first(tmp_path, data_cache, mon
     with pytest.raises(RuntimeError, match="out of memory in this test"):
         train(cfg, tmp_path / "run")
     assert [step for step, _ in RecordingBar.drawn] == [1, 2, "closed"]
+    # The run's record says it failed, and with what: not "interrupted", which resume would be the answer to.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["status"], summary["error"], summary["final_step"]) == (
+        "failed", "RuntimeError: out of memory in this test", 2)

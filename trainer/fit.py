@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data.build import build_data
 from models.registry import build_model, routing_analysis
+from trainer.base.errors import UserError, one_line
 from trainer.base.metrics import EVAL_LOSS
 from trainer.callbacks import CallbackList, NonFiniteLossGuard
 from trainer.checkpoint import FINAL_MODEL, Checkpointer, snapshot_paths
@@ -53,6 +54,18 @@ def steps_from_epochs(cfg: Config, train_blocks: int, world_size: int) -> None:
     log.info("train.epochs=%g over %d training blocks at %d blocks per update: train.max_steps=%d", cfg.train.epochs,
              train_blocks, per_update, cfg.train.max_steps)
     check_warmup(cfg)
+
+
+def run_status(state: LoopState, max_steps: int, error: str | None) -> str:
+    """summary.json's status: failed (an exception ended it), interrupted (a stop signal, or a second Ctrl-C,
+    before max_steps), stopped_early (a callback's reason: collapse, a non-finite loss) or completed."""
+    if error is not None:
+        return "failed"
+    if state.stopped_by_signal:
+        return "interrupted"
+    if state.stop_reason:
+        return "stopped_early"
+    return "completed" if state.step >= max_steps else "interrupted"
 
 
 def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
@@ -107,7 +120,7 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     callbacks = CallbackList([NonFiniteLossGuard(), *model.callbacks(cfg),
                               *([RoutingAnalysis(analysis, model, data.eval)] if analysis else [])])
 
-    state = LoopState()
+    state = LoopState(launched_at=started)
     if start_from is not None:
         checkpointer.restore(start_from, stream, callbacks, state)
         finished = checkpointer.completed_run(state.step)  # the same run under another, compatible config
@@ -132,18 +145,23 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     with StopSignals() as stop_signals:
         loop = TrainingLoop(cfg, engine, stream, data.eval, tracker, callbacks, run_dir, checkpointer, state,
                             stop_signals=stop_signals)
+        error = None  # an exception that ends the run: summary.json says it failed, and with what
         try:
             state = loop.run()
+        except Exception as err:
+            error = one_line(err, with_type=not isinstance(err, UserError))
+            raise
         finally:
             tracker_mode = tracker.wandb_mode
             summary = {
                 "run_name": cfg.run.name, "preset": cfg.run.preset, "mode": model.architecture()["family"],
-                "status": "interrupted" if state.stopped_by_signal else "stopped_early" if state.stop_reason else
-                          ("completed" if state.step >= cfg.train.max_steps else "interrupted"),
+                "status": run_status(state, cfg.train.max_steps, error), "error": error,
                 "stop_reason": state.stop_reason, "final_step": state.step, "max_steps": cfg.train.max_steps,
                 "tokens_seen": state.tokens_seen, "best_eval_loss": state.best_eval_loss,
                 "final_eval": state.last_eval, "resumed_from": str(start_from) if start_from else None,
-                "wall_time_s": time.time() - started, "wandb_mode": tracker_mode, "run_dir": str(run_dir),
+                # Over every launch of the run (LoopState); a resumed run's own launch took this_launch_s.
+                "wall_time_s": state.wall_time_s, "this_launch_s": time.time() - started,
+                "wandb_mode": tracker_mode, "run_dir": str(run_dir),
                 "world_size": engine.world_size, "engine": engine.name,
                 "n_parameters": sum(p.numel() for p in model.parameters()),
                 "epochs": cfg.train.epochs, "init_from": checkpointer.init_from,
