@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from trainer.base.atomic_files import atomic_write_bytes
+from trainer.base.json_files import to_json_bytes
 from trainer.config.validate import RECORDED_CONFIG, record_config, validate
 
 
@@ -47,9 +49,22 @@ def run_job(cfg: DictConfig) -> dict:
     return summary
 
 
+# A sweep job that raised (refused or failed) says so here, for the sweep report: {"status", "error"}.
+FAILURE_FILE = "failure.json"
+
+
+def record_failure(run_dir: Path, status: str, error: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / FAILURE_FILE, to_json_bytes({"status": status, "error": error}))
+
+
+def clear_failure(run_dir: Path) -> None:
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+
+
 # What one launch puts in its run directory before it trains: Hydra's record of the launch, Hydra's log file,
 # and (once train() accepts the directory) the resolved config. Nothing a user would want back from a refusal.
-LAUNCH_BOOKKEEPING = (".hydra", "run.log", RECORDED_CONFIG)
+LAUNCH_BOOKKEEPING = (".hydra", "run.log", RECORDED_CONFIG, FAILURE_FILE)
 
 
 def holds_no_earlier_run(run_dir: Path) -> bool:

@@ -31,8 +31,8 @@ def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trainer.base.errors import UserError
-    from trainer.job import discard_refused_launch, holds_no_earlier_run, run_job
+    from trainer.base.errors import UserError, one_line
+    from trainer.job import clear_failure, discard_refused_launch, holds_no_earlier_run, record_failure, run_job
     from trainer.rank_logging import quiet_replicas
 
     quiet_replicas(int(os.environ.get("RANK", 0)))  # under torchrun, the main process reports
@@ -47,16 +47,26 @@ def main(cfg) -> None:
         logging.getLogger("trainer.run").warning(
             "run.resume=auto in a new sweep directory (%s) finds no earlier sweep's runs; to finish an earlier "
             "sweep, re-launch with hydra.sweep.dir=<that sweep's directory>", hydra_cfg.sweep.dir)
+    sweep_job = hydra_cfg.mode == RunMode.MULTIRUN and int(os.environ.get("RANK", 0)) == 0
+    if sweep_job:
+        clear_failure(run_dir)  # a job re-launched into its sweep directory starts without its last failure
     try:
         run_job(cfg)
-    except UserError as err:
-        # A single run says it in one line. In a sweep the error propagates, so Hydra names the failed
-        # job and runs the others (its directory stays, with the job's overrides in .hydra/).
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            # Hydra reports only the sweep's first failed job at the end: log each as it fails (console and
-            # the job's run.log), so every refused combination of the matrix is visible.
+    except Exception as err:
+        # A single run says a user's mistake in one line (below) and a bug with its traceback. In a sweep the
+        # error propagates, so Hydra names the failed job and runs the others (its directory stays, with the
+        # job's overrides in .hydra/). Hydra reports only the sweep's first failed job at the end: each is
+        # logged as it fails (console and the job's run.log), so every refused combination of the matrix is
+        # visible, and recorded in the job's directory for the sweep report (eval/report).
+        refused = isinstance(err, UserError)
+        if sweep_job:
             overrides = " ".join(hydra_cfg.overrides.task)
-            logging.getLogger("trainer.run").error("job #%s (%s) refused: %s", hydra_cfg.job.num, overrides, err)
+            message = one_line(err, with_type=not refused)
+            logging.getLogger("trainer.run").error("job #%s (%s) %s: %s", hydra_cfg.job.num, overrides,
+                                                   "refused" if refused else "failed", message,
+                                                   exc_info=not refused)  # a bug's traceback, in its run.log
+            record_failure(run_dir, "refused" if refused else "failed", message)
+        if not refused or hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         if new_run_dir:
             discard_refused_launch(run_dir, Path(cfg.run.output_dir))  # no outputs/<name>/ left behind
