@@ -6,7 +6,8 @@ A family is a package `models/<family>/` (or any importable package) with
   labels=None) returns models.output.ModelOutput (the batch contract: trainer/base/batch.py; lm_loss is the mean
   over scored targets, 0 when there are none), and which offers `architecture()` (what a checkpoint must match),
   `no_weight_decay()` and `callbacks(cfg)` (schedules, monitors and statistics, trainer.base.callbacks.Callback);
-- `analysis.py` (routed families only): its routing figures, the contract in models/analysis.py.
+- `analysis.py` (routed families only): its routing figures, the contract in models/analysis.py;
+- `report.py` (routed families only): its columns and curves in a sweep report, the contract in models/report.py.
 Adding a family: its folder, one line in FAMILIES, and conf/model/<family>.yaml (`defaults: [/schema/model/
 <family>@_here_, _self_]`). The loop reaches families only through here.
 """
@@ -50,9 +51,18 @@ def build_model(model_cfg, vocab_size: int, eos_id: int):
     return module.build(model_cfg, vocab_size=vocab_size, eos_id=eos_id)
 
 
+def _optional_module(family: str, name: str):
+    package = _package(family)
+    if importlib.util.find_spec(f"{package}.{name}") is None:
+        return None
+    return importlib.import_module(f"{package}.{name}")
+
+
 def routing_analysis(family: str):
     """The family's `analysis` module (models/analysis.py), or None for a family without routing (dense)."""
-    package = _package(family)
-    if importlib.util.find_spec(f"{package}.analysis") is None:
-        return None
-    return importlib.import_module(f"{package}.analysis")
+    return _optional_module(family, "analysis")
+
+
+def family_report(family: str):
+    """The family's `report` module (models/report.py): its sweep report columns and curves; None without one."""
+    return _optional_module(family, "report")

@@ -5,6 +5,9 @@ model that emits them and the callbacks and figures that read them. The loop log
 from __future__ import annotations
 
 ENTROPY_MEAN = "entropy_mean"  # router entropy (nats) of the clean probabilities, mean over MoE layers
+LB_LOSS = "lb_loss"  # metrics: the Switch load-balancing loss, mean over MoE layers (1 = balanced, E = collapsed)
+Z_LOSS = "z_loss"  # metrics: the router z-loss, mean over MoE layers
+ROUTER_NOISE_STD = "router_noise_std"  # metrics: the router's logit noise at this update
 
 
 def fraction(layer: int) -> str:
