@@ -1,1 +1,2 @@
-"""Evaluation: perplexity per domain (more analyses arrive with the model families)."""
+"""After training: generation (generate), lm-eval benchmarks (harness), routing analysis (analyze), and the
+comparison of a sweep's runs (compare, report/)."""

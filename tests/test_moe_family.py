@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -193,7 +194,8 @@ def test_collapse_stop_ends_the_run_with_the_reason_in_the_summary(tmp_path, dat
 def test_the_ablation_matrix_sweep_gives_comparable_run_directories(tmp_path, data_cache):
     # The seed's layout at toy width: 12 blocks, experts in 8-11 for the MoE presets.
     result = tiny_run(tmp_path, data_cache, "--multirun", "preset=dense,moe-main,top2", "model.n_layer=12",
-                      "train.max_steps=2", "train.eval_every=2", "checkpoint.save_every=2", name=None)
+                      "train.max_steps=2", "train.eval_every=2", "checkpoint.save_every=2",
+                      "train.log_router_every=1", name=None)
     assert_ok(result)
     runs = sorted(p.parent for p in (tmp_path / "multirun").rglob("summary.json"))
     assert [r.name for r in runs] == ["0_dense", "1_moe-main", "2_top2"]
@@ -203,6 +205,17 @@ def test_the_ablation_matrix_sweep_gives_comparable_run_directories(tmp_path, da
     base = {k: sidecars[0]["architecture"][k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
     assert all({k: s["architecture"][k] for k in base} == base for s in sidecars), "one base for the matrix"
     assert all(s["architecture"]["moe_layers"] == [8, 9, 10, 11] for s in sidecars[1:])
+    # The sweep's report compares the matrix as the seed's table did: MoE against dense, with the routing columns.
+    sweep = runs[0].parent
+    with (sweep / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["preset"], r["family"], r["status"]) for r in rows] == [
+        ("dense", "dense", "completed"), ("moe-main", "moe", "completed"), ("top2", "moe", "completed")]
+    assert rows[0]["vs_baseline_pct"] == "" and all(float(r["vs_baseline_pct"]) != 0 for r in rows[1:])
+    assert rows[0]["lb_loss"] == "" and all(float(r["lb_loss"]) >= 1.0 for r in rows[1:]), "Switch lb: 1 balanced"
+    assert 1 / 8 <= float(rows[1]["max_expert_share"]) <= 1 and 2 / 8 <= float(rows[2]["max_expert_share"]) <= 1
+    assert all(0 <= float(r["domain_mi_norm"]) <= 1 for r in rows[1:])
+    assert (sweep / "routing.png").is_file() and "Baseline: `0_dense`" in (sweep / "report.md").read_text()
 
 
 def _collapsed_moe():

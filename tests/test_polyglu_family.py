@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from eval.analyze import main as analyze_cli
+from eval.compare import main as compare_cli
 from eval.decoding import generate
 from eval.generate import load_snapshot_model
 from eval.param_count import count
@@ -153,6 +156,17 @@ def test_polyglu_shakedown_end_to_end_with_exact_resume(tmp_path, data_cache):
     assert continued == taus[3:], "tau continues where the interrupted run left it"
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["mode"] == "polyglu" and summary["final_step"] == 6
+
+    # Two runs from separate launches, compared: the PolyGLU columns come from each run's record.
+    assert compare_cli([str(whole), str(resumed)]) == 0
+    with (tmp_path / "comparison" / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["whole", "resumed"] and rows[1]["run.resume"].endswith("ckpt-step-3.pt")
+    assert all(float(r["tau"]) == pytest.approx(taus[-1]) for r in rows), "the last update's temperature"
+    assert all(0 < float(r["dynamic_entropy"]) <= math.log(4) and 0 < float(r["static_entropy"]) <= math.log(4)
+               for r in rows)
+    assert rows[0]["final_eval_loss"] == rows[1]["final_eval_loss"], "an exact resume"
+    assert (tmp_path / "comparison" / "routing.png").is_file()
 
 
 class _TauSink:

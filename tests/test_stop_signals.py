@@ -60,9 +60,11 @@ STEPS = ["train.max_steps=40", "train.eval_every=10", "checkpoint.save_every=100
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_run(tmp_path, data_cache):
+    """As a pre-empted sweep job: the report says interrupted, and the re-launched sweep's report, completed."""
     assert_ok(tiny_run(tmp_path, data_cache, *STEPS, name="whole"))
-    cut = tmp_path / "cut"
-    process = start_tiny_run(tmp_path, data_cache, *STEPS, name="cut")
+    sweep = ["--multirun", "hydra.sweep.dir=sweep"]
+    cut = tmp_path / "sweep" / "0_cut"
+    process = start_tiny_run(tmp_path, data_cache, *sweep, *STEPS, name="cut")
     wait_for_training(cut, process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -75,14 +77,19 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_ru
     assert "interrupted at step" in stdout and "Traceback" not in stderr
     assert (cut / f"ckpt-step-{stopped_at}.pt").exists()  # save_every=1000: only the signal saved it
     assert not (cut / "final-model.safetensors").exists()  # an unfinished run has no final model
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert f"| interrupted: SIGTERM at step {stopped_at}: checkpoint saved" in report, "written as the sweep exits"
 
-    assert_ok(tiny_run(tmp_path, data_cache, *STEPS, "run.resume=auto", name="cut"))
+    assert_ok(tiny_run(tmp_path, data_cache, *sweep, *STEPS, "run.resume=auto", name="cut"))
     assert_same_weights(tmp_path / "whole" / "final-model.safetensors", cut / "final-model.safetensors")
     # Dropout, the data position and the due evals all carried over: every logged number is the same.
     drop_timing = {"time", "train/tokens_per_sec"}
     assert ([{k: v for k, v in row.items() if k not in drop_timing} for row in metrics(cut)]
             == [{k: v for k, v in row.items() if k not in drop_timing} for row in metrics(tmp_path / "whole")])
-    assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["status"] == "completed"
+    assert resumed["wall_time_s"] > resumed["this_launch_s"], "the time before the cut is counted"
+    assert "| completed | 40 |" in (tmp_path / "sweep" / "report.md").read_text(), "the re-launch rewrote it"
 
 
 def test_an_interrupt_nothing_else_handled_ends_in_one_line_and_130(monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -232,6 +233,20 @@ def test_multirun_gives_each_job_its_own_directory_and_survives_a_failing_job(tm
     assert "job #0 (" in output and "job #2 (" in output and "optim.learning_rate=-2.0 is impossible" in output
     (third_log,) = (tmp_path / "second" / "multirun").rglob("2_*/run.log")
     assert "optim.learning_rate=-2.0 is impossible" in third_log.read_text()
+
+    # The sweep's report: a row per job, refused ones with their one line, and only the override that differed.
+    (sweep,) = (tmp_path / "second" / "multirun").iterdir()
+    with (sweep / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["optim.learning_rate"], r["status"]) for r in rows] == [
+        ("0_run", "-1", "refused"), ("1_run", "0.001", "completed"), ("2_run", "-2", "refused")]
+    assert rows[2]["why"].startswith("optim.learning_rate=-2.0 is impossible")
+    assert not {"train.max_steps", "checkpoint.save_every", "run.name"} & set(rows[0]), "shared, so not columns"
+    assert float(rows[1]["final_eval_loss"]) > 0 and rows[1]["steps"] == "2"
+    report = (sweep / "report.md").read_text()
+    assert "Baseline: `1_run`" in report and "refused: optim.learning_rate=-1.0 is impossible" in report
+    assert {"eval_loss.png", "train_loss.png"} <= {p.name for p in sweep.iterdir()}
+    assert "routing.png" not in {p.name for p in sweep.iterdir()}, "dense runs have no routing to draw"
 
 
 def test_a_sweep_relaunched_into_its_directory_finishes_only_the_unfinished_jobs(tmp_path, data_cache):
