@@ -24,6 +24,12 @@ def smoothed(points: list[tuple[int, float]], window: int) -> list[tuple[int, fl
     return out
 
 
+def _window(series) -> int:
+    """The moving-average window for curves of up to n points: ~n/25, so a long run's noise averages out and a
+    short run's curve is drawn as logged."""
+    return max(1, max((len(points) for points in series), default=1) // 25)
+
+
 class _Lines:
     """Each job's colour and style: the baseline dashed and black, so every panel reads against it."""
 
@@ -76,16 +82,21 @@ def draw_figures(table: Table, out_dir: Path) -> list[Path]:
     written = [_panels(out_dir / EVAL_LOSS_FIGURE, eval_panels, lines, "eval loss", "Eval loss")]
 
     train = [(job, job.record.series(TRAIN_LM_LOSS)) for job in jobs]
-    window = max(1, max((len(points) for _, points in train), default=1) // 25)
+    window = _window(points for _, points in train)
     written.append(_panels(out_dir / TRAIN_LOSS_FIGURE,
                            {f"training LM loss, moving average over ~{window} logged steps":
                             [(job, smoothed(points, window)) for job, points in train]},
                            lines, "LM loss", "Training loss"))
 
+    # The families' curves, smoothed alike where they are logged every step (MoE's lb loss); a curve logged at
+    # evals or router steps has too few points to need it.
     routing: dict[str, list] = {}
     for job in jobs:
         module = family_module(job.family)
         for name, points in (module.curves(job.record) if module is not None else {}).items():
             routing.setdefault(name, []).append((job, points))
-    written.append(_panels(out_dir / ROUTING_FIGURE, routing, lines, "", "Routing"))
+    routing = {name: [(job, smoothed(points, _window(p for _, p in series))) for job, points in series]
+               for name, series in routing.items()}
+    written.append(_panels(out_dir / ROUTING_FIGURE, routing, lines, "", "Routing (per-step curves smoothed like "
+                                                                          "the training loss)"))
     return [path for path in written if path is not None]
