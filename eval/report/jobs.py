@@ -103,7 +103,7 @@ def _read_json(path: Path) -> dict | None:
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None  # absent, or torn by a crash before the atomic writes of today: read as not written
+        return None  # absent, or not JSON (written by hand, or by a version before atomic writes): not written
     return loaded if isinstance(loaded, dict) else None
 
 

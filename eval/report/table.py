@@ -43,7 +43,7 @@ def pick_baseline(jobs: list[Job], wanted: str | None) -> Job | None:
     """The job named `wanted` (its name, its directory's name, or its sweep job number); by default the first
     job with an eval loss (in the seed's matrix, preset=dense,moe-main,...: dense)."""
     if wanted is None:
-        return next((job for job in jobs if job.record.evals and job.record.evals[-1][1].loss is not None), None)
+        return next((job for job in jobs if job.record.final_eval is not None), None)  # an eval has eval/loss
     matches = [job for job in jobs if wanted in (job.name, job.path.name) or job.path.name.startswith(f"{wanted}_")
                or job.path.name.partition("_")[2] == wanted]
     names = ", ".join(job.name for job in jobs)

@@ -32,11 +32,8 @@ class RouterNoiseSchedule(StepSchedule):
 
 class CollapseDetector(Callback):
     """The seed's contract: every `check_every` updates, collapse = any expert's share of the step's tokens
-    above `threshold` in any MoE layer; `patience` consecutive collapsed checks stop the run.
-
-    The reported fraction is a share of the N*k assignments, so it can never exceed 1/k; times k it is the
-    share of tokens that picked the expert among their top k, which reaches 1 at collapse for any k. For
-    top-1 (the seed's no-lb) the two are the same number."""
+    above `threshold` in any MoE layer (stats.largest_share: the logged fraction times top-k); `patience`
+    consecutive collapsed checks stop the run."""
 
     name = "collapse_detector"
 
@@ -49,8 +46,7 @@ class CollapseDetector(Callback):
     def on_step_end(self, step: int, metrics: StepMetrics) -> str | None:
         if step % self.check_every:
             return None
-        value, layer, expert = max((share * self.topk, layer, expert) for layer in self.moe_layers
-                                   for expert, share in enumerate(stats.expert_shares(metrics.routing, layer)))
+        value, layer, expert = stats.largest_share(metrics.routing, self.moe_layers, self.topk)
         self.consecutive = self.consecutive + 1 if value > self.threshold else 0
         if self.consecutive:
             key = f"{metric_keys.router(stats.fraction(layer))}/{expert}"

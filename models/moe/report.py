@@ -1,8 +1,7 @@
 """The MoE family in a sweep report (the contract: models/report.py): did the router balance, collapse, specialise?
 
-Shares are the collapse stop's (models/moe/callbacks.py): an expert's logged fraction of the token->expert
-assignments times top-k, the share of tokens that picked it among their k, so 1 is total collapse for any k and
-even routing is k/E.
+Shares are the collapse stop's (stats.largest_share): the share of tokens that picked an expert among their k, so
+1 is total collapse for any k and even routing is k/E.
 """
 
 from __future__ import annotations
@@ -24,14 +23,12 @@ COLUMNS = {
 
 def largest_share(record: RunRecord) -> list[tuple[int, float]]:
     """(step, the largest expert share in any MoE layer) at every step that logged the router's fractions."""
-    cfg = record.model_config
-    layers, experts, topk = cfg.get("moe_layers", []), int(cfg.get("num_experts", 0)), int(cfg.get("topk", 1))
+    layers, topk = record.model_config.get("moe_layers", []), int(record.model_config.get("topk", 1))
     series = []
     for row in record.rows:
-        shares = [row.get(f"{keys.router(stats.fraction(layer))}/{expert}") for layer in layers
-                  for expert in range(experts)]
-        if shares and all(share is not None for share in shares):
-            series.append((int(row["step"]), max(shares) * topk))
+        routing = keys.step_routing(row)
+        if layers and all(stats.fraction(layer) in routing for layer in layers):
+            series.append((int(row["step"]), stats.largest_share(routing, layers, topk)[0]))
     return series
 
 

@@ -31,6 +31,14 @@ def expert_shares(routing: dict, layer: int) -> list[float]:
     return list(routing[name])
 
 
+def largest_share(routing: dict, layers: list[int], topk: int) -> tuple[float, int, int]:
+    """(share, layer, expert): the largest share of tokens any expert took in any of the layers. A logged fraction
+    is a share of the N*k token->expert assignments, at most 1/k; times k it is the share of tokens that picked the
+    expert among their k, which reaches 1 at collapse for any k (for top-1 the two are the same number)."""
+    return max((share * topk, layer, expert) for layer in layers
+               for expert, share in enumerate(expert_shares(routing, layer)))
+
+
 def domain_information(layer: int) -> str:
     """Across an eval's domains: I(domain; expert) of the layer (nats), models/moe/specialisation.py."""
     return f"layer{layer}/domain_mi"

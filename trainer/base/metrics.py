@@ -3,8 +3,8 @@
 A run's record is flat: metrics.jsonl lines and W&B keys such as train/loss, router/layer8/fraction/3,
 eval/code/loss, eval/code/router/layer8/fraction/3, eval/router/layer8/domain_mi (a statistic across an eval's
 domains) and data/code/fraction. Every key is built by a function
-here, and the one reader of such records, `EvalMetrics.from_flat`, is here too, so renaming a key cannot leave
-a reader silently finding nothing.
+here, and the readers of such records, `EvalMetrics.from_flat` and `step_routing`, are here too, so renaming a key
+cannot leave a reader silently finding nothing.
 
 Monitors do not parse keys. Callbacks get `StepMetrics` and `EvalMetrics`, whose routing statistics are keyed
 by the names a model family itself emits in ModelOutput.routing (its `models/<family>/stats.py`). A statistic
@@ -148,31 +148,45 @@ class EvalMetrics:
         """Read back what flat() wrote: a metrics.jsonl eval line, or the last eval a checkpoint carries. Keys that
         are not eval keys (step, time) are ignored."""
         result = cls(loss=flat.get(EVAL_LOSS), ppl=flat.get(EVAL_PPL))
-        # (domain or None for across domains, stat) -> {element index: value}
-        elements: dict[tuple[str | None, str], dict[int, float]] = {}
+        # Each routing statistic's flat pieces, by owner: a domain, or None for across domains.
+        pieces: dict[str | None, list[tuple[str, float]]] = {}
         for key, value in flat.items():
             parts = key.split("/")
             if parts[0] != "eval" or len(parts) < 3:
                 continue
             if parts[1] == ACROSS_DOMAINS:
-                owner, routing, stat_parts = None, result.routing, parts[2:]
-            else:
-                domain = result.domains.setdefault(parts[1], DomainEval())
-                if len(parts) == 3 and parts[2] in ("loss", "ppl"):
-                    setattr(domain, parts[2], value)
-                    continue
-                if parts[2] != _ROUTER.rstrip("/") or len(parts) == 3:
-                    continue
-                owner, routing, stat_parts = parts[1], domain.routing, parts[3:]
-            *stat, last = stat_parts
-            if last.isdigit() and stat:
-                elements.setdefault((owner, "/".join(stat)), {})[int(last)] = value
-            else:
-                routing["/".join(stat_parts)] = value
-        for (owner, stat), values in elements.items():
-            routing = result.routing if owner is None else result.domains[owner].routing
-            routing[stat] = [values[i] for i in sorted(values)]
+                pieces.setdefault(None, []).append(("/".join(parts[2:]), value))
+                continue
+            domain = result.domains.setdefault(parts[1], DomainEval())
+            if len(parts) == 3 and parts[2] in ("loss", "ppl"):
+                setattr(domain, parts[2], value)
+            elif parts[2] == _ROUTER.rstrip("/") and len(parts) > 3:
+                pieces.setdefault(parts[1], []).append(("/".join(parts[3:]), value))
+        for owner, named in pieces.items():
+            (result.routing if owner is None else result.domains[owner].routing).update(unflatten(named))
         return result
+
+
+def unflatten(pieces: Iterable[tuple[str, float]]) -> dict[str, Stat]:
+    """Read back what flatten() wrote for several statistics: a name ending in an element index is a vector's
+    element ({"a/0": x, "a/1": y, "b": z} -> {"a": [x, y], "b": z})."""
+    stats: dict[str, Stat] = {}
+    elements: dict[str, dict[int, float]] = {}
+    for name, value in pieces:
+        stat, _, last = name.rpartition("/")
+        if stat and last.isdigit():
+            elements.setdefault(stat, {})[int(last)] = value
+        else:
+            stats[name] = value
+    for stat, values in elements.items():
+        stats[stat] = [values[i] for i in sorted(values)]
+    return stats
+
+
+def step_routing(row: Mapping[str, float]) -> dict[str, Stat]:
+    """The routing statistics a metrics.jsonl training line logged (router/<stat>), by the family's own names, as
+    StepMetrics.routing holds them; empty for a line that logged none."""
+    return unflatten((key.removeprefix(_ROUTER), value) for key, value in row.items() if is_router(key))
 
 
 def eval_history(rows: Iterable[Mapping[str, float]]) -> list[tuple[int, EvalMetrics]]:
