@@ -6,6 +6,9 @@ tests/test_polyglu_transformer.py does for flash-attn. PolyGLU's own masking tes
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import pytest
 import torch
 
@@ -203,6 +206,7 @@ def test_torch_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
     sdpa = logits(model, ids, DOC)
     calls = []
 
+    @functools.wraps(reference_varlen_attn)  # the call is built from the kernel's signature, so keep it visible
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return reference_varlen_attn(*args, **kwargs)
@@ -211,7 +215,7 @@ def test_torch_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
     monkeypatch.setattr(attention_module, "varlen_attn", spy)
     varlen = logits(model, ids, DOC)
     assert len(calls) == SIZES["n_layer"]
-    assert calls[0]["window_size"] == (-1, 0) and calls[0]["enable_gqa"] is False
+    assert calls[0]["window_size"] == (-1, 0) and "enable_gqa" not in calls[0]  # GPT-2: as many KV heads as Q
     torch.testing.assert_close(varlen.float(), sdpa.float(), atol=0.05, rtol=0.02)
     after = logits(model, perturb_document_1(ids), DOC)
     torch.testing.assert_close(after[0, 12:], varlen[0, 12:], rtol=0, atol=0)
@@ -229,3 +233,67 @@ def test_torch_varlen_gqa_and_dropout_guard(monkeypatch):
         attend(q, k, v, ctx, dropout_p=0.1)
     with pytest.raises(RuntimeError, match="needs fp16/bf16"):
         attend(q.float(), k.float(), v.float(), ctx)
+
+
+def varlen_attn_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """PyTorch 2.9's varlen_attn: causal is `is_causal`, no `scale`, and K/V must have the query's head count."""
+    return reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 window_size=(-1, 0) if is_causal else (-1, -1))
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """PyTorch 2.10's: `scale` and `window_size`, still no `enable_gqa`."""
+    return reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                                 scale=scale, window_size=window_size)
+
+
+@pytest.mark.parametrize("kernel", [varlen_attn_2_9, varlen_attn_2_10, reference_varlen_attn])
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_every_release_of_varlen_attn_gets_a_call_it_takes(monkeypatch, kernel, scale):
+    """The GPU image may carry an older torch than CI: causal, scale and GQA are spelled in its keywords (or, where
+    it has none, done around the call) and the result is the masked SDPA path's."""
+    monkeypatch.setattr(attention_module, "varlen_attn", kernel)
+    b, t, h, kv, hd = 2, 16, 4, 2, 8
+    q, k, v = (torch.randn(b, t, n, hd, dtype=torch.bfloat16) for n in (h, kv, kv))
+    cu, max_len = cu_seqlens_from_document_ids(DOC)
+    ctx = AttentionContext(cu_seqlens=cu, max_seqlen=max_len, varlen=TORCH_VARLEN)
+    masked = AttentionContext(attn_mask=attention_module.document_causal_mask(DOC))
+    torch.testing.assert_close(attend(q, k, v, ctx, scale=scale).float(), attend(q, k, v, masked, scale=scale).float(),
+                               atol=0.03, rtol=0.03)
+
+
+def test_a_varlen_attn_without_a_causal_keyword_is_not_used():
+    def unknown(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+        raise AssertionError("never called")
+
+    assert all(attention_module._usable(k) for k in (varlen_attn_2_9, varlen_attn_2_10, reference_varlen_attn))
+    assert not attention_module._usable(unknown) and not attention_module._usable(None)
+
+
+@pytest.mark.parametrize(("torch_varlen", "sm80", "dropout", "says"), [
+    (False, True, 0.0, "has no torch.nn.attention.varlen.varlen_attn"),
+    (True, False, 0.0, "compute capability 8.0+"),
+    (True, True, 0.1, "attention dropout is 0.1"),
+])
+def test_the_cuda_fallback_to_masked_sdpa_is_logged_once_with_its_reason(monkeypatch, caplog, torch_varlen, sm80,
+                                                                          dropout, says):
+    monkeypatch.setattr(attention_module, "_half_on_cuda", lambda x: True)
+    monkeypatch.setattr(attention_module, "_sm80_or_newer", lambda device: sm80)
+    monkeypatch.setattr(attention_module, "TORCH_VARLEN_AVAILABLE", torch_varlen)
+    monkeypatch.setattr(attention_module, "FLASH_ATTN_AVAILABLE", False)
+    monkeypatch.setattr(attention_module, "_warned", set())
+    x = torch.zeros(2, 16, 8)
+    with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
+        for _ in range(3):  # every layer of every forward asks; the log says it once
+            assert document_context(x, DOC, dropout_p=dropout).attn_mask is not None
+    warnings = [r.getMessage() for r in caplog.records if r.name == attention_module.__name__]
+    assert len(warnings) == 1, warnings
+    assert "falls back to SDPA" in warnings[0] and says in warnings[0] and "[flash]" in warnings[0]
+
+
+def test_no_fallback_is_logged_off_cuda(monkeypatch, caplog):
+    monkeypatch.setattr(attention_module, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
+        document_context(torch.zeros(2, 16, 8, dtype=torch.bfloat16), DOC)
+    assert not caplog.records  # CPU runs use masked SDPA by design: nothing to warn about

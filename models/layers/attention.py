@@ -5,12 +5,14 @@ and `varlen_backend`:
 
 * a variable-length kernel when document_ids are given and the tensors are on CUDA in fp16/bf16: each document
   of the packed [B, T] batch becomes one sequence of the flattened batch (`cu_seqlens`), so no [T, T] mask is
-  ever materialised. Preferred: PyTorch's own `torch.nn.attention.varlen.varlen_attn` (recent torch, no extra
-  install, GPUs of compute capability 8.0+); it has no dropout, so attention dropout in training falls to
-  flash-attn's `flash_attn_varlen_func` when flash-attn is installed. GQA is native to both.
+  ever materialised. Preferred: PyTorch's own `torch.nn.attention.varlen.varlen_attn` (PyTorch 2.9+, no extra
+  install, GPUs of compute capability 8.0+; its keywords changed across releases and `_torch_varlen` speaks
+  each one's); it has no dropout, so attention dropout in training falls to flash-attn's
+  `flash_attn_varlen_func` when flash-attn is installed (the `flash` extra). GQA works with both.
 * `torch.nn.functional.scaled_dot_product_attention` otherwise (CPU, fp32, older torch without varlen_attn
   and no flash-attn, or dropout without flash-attn): `is_causal=True` without document_ids, or a boolean
-  block-diagonal causal mask [B, 1, T, T] built from document_ids.
+  block-diagonal causal mask [B, 1, T, T] built from document_ids. On a CUDA run in fp16/bf16 that fallback
+  is logged once, with the reason and the fix: the mask costs O(T^2) memory per row.
 
 A "document" is a maximal run of equal document_ids inside a row (the data pipeline numbers documents
 0, 1, 2, ... left to right, so this is the same as "equal id"); every backend uses this definition, so they
@@ -19,6 +21,8 @@ agree token for token.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from functools import cache
 
@@ -34,12 +38,30 @@ except (ImportError, OSError, RuntimeError):  # pragma: no cover - depends on th
 
 FLASH_ATTN_AVAILABLE = flash_attn_varlen_func is not None
 
-try:  # PyTorch's own varlen kernel (recent torch); older torch falls back to flash-attn or masked SDPA
+try:  # PyTorch's own varlen kernel (2.9+); older torch falls back to flash-attn or masked SDPA
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - depends on the install
     varlen_attn = None
 
-TORCH_VARLEN_AVAILABLE = varlen_attn is not None
+log = logging.getLogger(__name__)
+
+
+@cache
+def _keywords(fn) -> frozenset[str]:
+    """The parameter names of a varlen_attn: 2.9 spells causal `is_causal` and has no `scale`; 2.10 added `scale`
+    and `window_size`; 2.12 added `enable_gqa`."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return frozenset()
+
+
+def _usable(fn) -> bool:
+    """A varlen_attn that can be told "causal" one way or the other; any other falls back."""
+    return fn is not None and bool({"is_causal", "window_size"} & _keywords(fn))
+
+
+TORCH_VARLEN_AVAILABLE = _usable(varlen_attn)
 
 # The variable-length kernels `varlen_backend` can pick (None there means masked / causal SDPA).
 TORCH_VARLEN = "torch_varlen"
@@ -169,15 +191,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 def _torch_varlen(q, k, v, ctx: AttentionContext, scale: float | None) -> torch.Tensor:
     b, t, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
+    keywords = _keywords(varlen_attn)
+    kwargs = {}
+    # Causal: window_size=(-1, 0) from 2.10 on, is_causal=True in 2.9.
+    if "window_size" in keywords:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in keywords:
+        kwargs["scale"] = scale
+    elif scale is not None:
+        q = q * (scale * head_dim ** 0.5)  # the kernel's own 1/sqrt(hd) then makes it `scale`
+    if n_kv_heads != n_heads:
+        if "enable_gqa" in keywords:
+            # Maps query head h to KV head h // (H / H_kv), as flash-attn and SDPA's enable_gqa do.
+            kwargs["enable_gqa"] = True
+        else:  # before 2.12 the heads must match: the same mapping, spelled out
+            k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
+            v = v.repeat_interleave(n_heads // n_kv_heads, dim=2)
+            n_kv_heads = n_heads
     # [B, T, H, hd] -> [B*T, H, hd]: the flattened batch is one long sequence cut at cu_seqlens.
-    # window_size=(-1, 0) is varlen_attn's spelling of causal; enable_gqa maps query head h to KV head
-    # h // (H / H_kv), as flash-attn and SDPA's enable_gqa do.
     out = varlen_attn(
         q.reshape(b * t, n_heads, head_dim),
         k.reshape(b * t, n_kv_heads, head_dim),
         v.reshape(b * t, n_kv_heads, head_dim),
-        ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-        scale=scale, window_size=(-1, 0), enable_gqa=n_kv_heads != n_heads,
+        ctx.cu_seqlens, ctx.cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, **kwargs,
     )
     return out.view(b, t, n_heads, head_dim)
 
@@ -226,11 +264,33 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
     there is no attention dropout (it has none); flash-attn's varlen kernel is the fallback when installed."""
     if not _half_on_cuda(x):
         return None
-    if TORCH_VARLEN_AVAILABLE and not dropout_p and _sm80_or_newer(x.device):
+    sm80 = _sm80_or_newer(x.device)
+    if TORCH_VARLEN_AVAILABLE and not dropout_p and sm80:
         return TORCH_VARLEN
     if FLASH_ATTN_AVAILABLE:
         return FLASH_ATTN
+    if not TORCH_VARLEN_AVAILABLE:
+        why = (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (PyTorch 2.9+); upgrade "
+               "torch or install flash-attn (pip install -e '.[flash]')")
+    elif not sm80:
+        why = ("torch's varlen_attn needs a GPU of compute capability 8.0+ (Ampere or newer); install flash-attn "
+               "(pip install -e '.[flash]')")
+    else:
+        why = (f"attention dropout is {dropout_p} and torch's varlen_attn has none; set the model's attention "
+               "dropout to 0 or install flash-attn (pip install -e '.[flash]')")
+    _warn_once(why)
     return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(why: str) -> None:
+    """Once per reason and process: the fallback is correct, only slower and O(T^2) in memory, so say so and go on."""
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("document-masked attention on CUDA falls back to SDPA with a [B, 1, T, T] mask (memory "
+                    "grows with T^2): %s", why)
 
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
