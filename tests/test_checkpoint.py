@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -355,3 +356,17 @@ def test_a_process_the_checkpoint_has_no_random_state_for_keeps_its_own_stream()
     assert rng_state_for(saved, engine(0, 1)) == {"rank": 0}
     assert rng_state_for(saved, engine(1, 3)) == {"rank": 1}
     assert rng_state_for(saved, engine(2, 3)) is None  # keeps the stream seeded with run.seed + rank
+
+
+def test_hardware_deterministic_turns_on_deterministic_kernels(monkeypatch):
+    from trainer.rng import use_deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        use_deterministic_kernels()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # a kernel without a twin warns, never stops
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -21,7 +21,7 @@ from trainer.config.validate import record_config
 from trainer.engines import build_engine
 from trainer.loop import TrainingLoop
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rng import seed_everything
+from trainer.rng import seed_everything, use_deterministic_kernels
 from trainer.routing_analysis import RoutingAnalysis
 from trainer.run_state import LoopState
 from trainer.stop_signals import StopSignals
@@ -86,6 +86,8 @@ def train(cfg: Config, run_dir: Path, sweep: str | None = None) -> dict:
     if init_source is not None:
         use_source_tokenizer(cfg, init_source)
     cfg.model.check_sources()  # offline, a hub model fails before the data is prepared, not after
+    if cfg.hardware.deterministic:
+        use_deterministic_kernels()
     seed_everything(cfg.run.seed)
     # Rank 0 tokenizes and fills the cache first; the others then read it instead of racing to write it.
     if not engine.is_main:

@@ -7,6 +7,7 @@ back with `torch.load(weights_only=True)`, which refuses numpy arrays and arbitr
 from __future__ import annotations
 
 import logging
+import os
 import random
 from typing import Any
 
@@ -26,6 +27,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed % 2**64)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed % 2**64)
+
+
+def use_deterministic_kernels() -> None:
+    """hardware.deterministic: kernels that give the same bits on every run. cuBLAS reads its workspace setting when
+    its first handle is made, so this runs before the model meets the GPU. warn_only: an op without a
+    deterministic kernel (torch.bincount on CUDA, say) warns rather than stopping a run; integer counts are exact
+    anyway."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    log.info("hardware.deterministic=true: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=%s)",
+             os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
 def _numpy_state_to_safe(state: tuple) -> dict[str, Any]:
