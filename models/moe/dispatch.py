@@ -1,13 +1,70 @@
 """Token -> expert dispatch for a bank of GPT-2-style expert FFNs (y = act(x @ W_fc + b_fc) @ W_proj + b_proj).
 
-`grouped_expert_ffn` is the one the layer uses; `per_expert_loop_ffn` is the obvious masked version kept as
-the reference for tests and the benchmark baseline.
+`expert_ffn` is the one the layer calls: it picks a kernel with `expert_kernel` and runs either
+`grouped_mm_expert_ffn` (bf16 on CUDA, sm90+: two `torch._grouped_mm` calls over padded expert groups, no host sync) or
+`grouped_expert_ffn` (everywhere else, the CPU path: sorted slices, one addmm pair per expert).
+`per_expert_loop_ffn` is the obvious masked version kept as the reference for tests and the benchmark baseline.
 """
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# torch._grouped_mm (a private op, present in recent releases) runs every expert's GEMM in one kernel. Its fast
+# CUDA kernel wants bf16 (sm90+); elsewhere it falls back to a loop, and on CPU the sorted-slice path is faster.
+GROUPED_MM_AVAILABLE = hasattr(torch, "_grouped_mm")
+# Every expert's group of rows is padded to a multiple of this many rows (as torchtitan does), so every group
+# starts on a tile boundary and at a 16-byte-aligned row for the grouped GEMM.
+ALIGN = 16
+
+
+def expert_kernel(x: Tensor, w_fc: Tensor) -> str:
+    """"grouped_mm" where `torch._grouped_mm` has its fast path (bf16 compute on CUDA, d_model and d_ff multiples
+    of 8: its operands' strides must be multiples of 16 bytes), else "sorted"."""
+    d_model, d_ff = w_fc.shape[-2:]
+    if GROUPED_MM_AVAILABLE and _bf16_on_hopper_or_newer(x) and d_model % 8 == 0 and d_ff % 8 == 0:
+        return "grouped_mm"
+    return "sorted"
+
+
+def _bf16_on_hopper_or_newer(x: Tensor) -> bool:
+    """Whether the expert matmuls would run in bf16 (autocast's dtype where it is on, else x's own) on a CUDA GPU
+    of compute capability 9.0+, where _grouped_mm has its CUTLASS kernel. Older GPUs get a fallback that copies
+    the offsets to the host and loops over experts: no better than the sorted slices."""
+    if not x.is_cuda:
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype == torch.bfloat16 and _capability(x.device) >= (9, 0)
+
+
+@cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Tensor, b_fc: Tensor,
+               w_proj: Tensor, b_proj: Tensor, activation) -> Tensor:
+    """The layer's one entry point: same arguments and result as `grouped_expert_ffn`, kernel per `expert_kernel`."""
+    kernel = expert_kernel(x, w_fc)
+    if x.is_cuda and kernel not in _announced:  # a GPU run's log says once what its experts ran on
+        _announced.add(kernel)
+        log.info("MoE experts: %s", "torch._grouped_mm (bf16)" if kernel == "grouped_mm" else
+                 "sorted slices (grouped_mm needs bf16 on a GPU of compute capability 9.0+)")
+    fn = grouped_mm_expert_ffn if kernel == "grouped_mm" else grouped_expert_ffn
+    return fn(x, expert_index, gates, w_fc, b_fc, w_proj, b_proj, activation)
+
+
+_announced: set[str] = set()
 
 
 def per_expert_loop_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Tensor, b_fc: Tensor,
@@ -53,6 +110,69 @@ def grouped_expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Ten
         gates = gates.to(x.dtype)
     with torch.autocast(device_type=device_type, enabled=False):
         return _GroupedFFN.apply(x, gates, w_fc, b_fc, w_proj, b_proj, token, order, inverse, bounds, activation)
+
+
+def grouped_mm_expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Tensor, b_fc: Tensor,
+                          w_proj: Tensor, b_proj: Tensor, activation) -> Tensor:
+    """Dropless dispatch through two `torch._grouped_mm` calls, with plain autograd and no host sync.
+
+    The N*k assignments are stably sorted by expert and their token rows copied into a buffer of static size
+    P in which every expert's group is padded to a multiple of ALIGN rows (padding rows are zero). Nothing reads
+    the per-expert counts on the host and every shape depends only on N, k and E, so the CPU never waits for the
+    GPU here and keeps queueing kernels ahead of it.
+
+    Padding rows add exactly zero to every gradient: their outputs are never gathered back, so their upstream
+    gradient is zero; through W_proj that gives dh = act'(b_fc[e]) * 0 = 0 (finite times zero: the rows are real
+    zeros plus a finite bias, never uninitialised memory), so their terms in grad W_fc (x_pad = 0), grad b_fc and
+    grad W_proj (a_pad finite, dy = 0) are all zero too, and their input rows map back to no token.
+    """
+    n, k = expert_index.shape
+    num_experts = w_fc.shape[0]
+    m = n * k
+    # Static size: each group grows by at most ALIGN - 1 rows, so this always fits. The rows left over after
+    # the last real group all go to the last expert's group (offs[-1] == P): a row outside every group would be
+    # left uninitialised by the kernel, and garbage there (NaN * 0 = NaN) would leak into the bias gradients.
+    padded_rows = -(-m // ALIGN) * ALIGN + num_experts * ALIGN
+
+    flat = expert_index.reshape(-1)  # flat assignment index a = token * k + j
+    order = torch.argsort(flat, stable=True)  # slot (sorted by expert) -> a
+    # Per-expert counts as a sum of one-hot rows ([N*k, E] booleans, small), not bincount: on CUDA bincount
+    # copies the input's min and max to the host to size its output, a sync on every call.
+    counts = (flat[:, None] == torch.arange(num_experts, device=flat.device)).sum(dim=0)
+    padded = torch.div(counts + (ALIGN - 1), ALIGN, rounding_mode="floor") * ALIGN
+    pad_end = torch.cumsum(padded, dim=0)
+    shift = (pad_end - padded) - (torch.cumsum(counts, dim=0) - counts)  # padded start - unpadded start
+    slot_row = torch.arange(m, device=flat.device) + shift.index_select(0, flat.index_select(0, order))
+    row = torch.empty_like(order).index_copy_(0, order, slot_row)  # a -> its row in the padded buffer
+    ends = torch.cat([pad_end[:-1], pad_end.new_full((1,), padded_rows)])
+    offs = ends.to(torch.int32)  # cumulative group ends, as _grouped_mm wants them
+    row_expert = torch.searchsorted(ends, torch.arange(padded_rows, device=ends.device), right=True)
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # _grouped_mm has no autocast rule: apply autocast's cast by hand and run with it off; gradients flow
+        # back through the casts to the fp32 masters.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, gates, w_fc, b_fc, w_proj, b_proj = (t.to(dtype) for t in (x, gates, w_fc, b_fc, w_proj, b_proj))
+    else:
+        gates = gates.to(x.dtype)
+    with torch.autocast(device_type=device_type, enabled=False):
+        # _grouped_mm takes no bias: add each row's expert bias as one-hot [P, E] @ b [E, out], fused into an
+        # addmm. Its gradient, one_hot^T @ d(h), is a GEMM, deterministic, unlike index_add's atomics on CUDA.
+        one_hot = (row_expert[:, None] == torch.arange(num_experts, device=x.device)).to(x.dtype)
+        # Every index op below moves rows by a permutation-like map whose backward is again a plain gather or a
+        # write of each row once, so results and gradients are the same bit for bit from run to run. Token
+        # rows are repeated k times by expand (backward: a sum over k in a fixed order), then each copy is
+        # written once into its padded row (backward: a gather).
+        x_rep = x[:, None, :].expand(n, k, x.shape[-1]).reshape(m, -1)
+        xp = x.new_zeros(padded_rows, x.shape[-1]).index_copy(0, row, x_rep)
+        h = torch.addmm(torch._grouped_mm(xp, w_fc, offs=offs), one_hot, b_fc)
+        yp = torch.addmm(torch._grouped_mm(activation(h), w_proj, offs=offs), one_hot, b_proj)
+        # Back to assignment order (each real row read once), gated, then each token's k slots summed in a
+        # fixed order. The gate multiply also keeps a broadcast (stride-0) upstream gradient, as from
+        # out.sum().backward(), from reaching _grouped_mm's backward, which rejects it.
+        y = yp.index_select(0, row) * gates.reshape(m, 1)
+        return y.view(n, -1) if k == 1 else y.view(n, k, -1).sum(dim=1)
 
 
 class _GroupedFFN(torch.autograd.Function):
