@@ -53,12 +53,13 @@ def bare_step_times(cfg, warmup: int) -> list[float]:
     """The loop anyone would write by hand: no stream object, no logging, no callbacks, no progress bar."""
     seed_everything(cfg.run.seed)
     data = build_data(cfg.data, seed=cfg.data.split_seed)
-    model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id)
+    # hardware=cuda puts both loops on the GPU (benchmarks/gpu/trainer_overhead.py); anything else is the CPU.
+    device = torch.device("cuda" if cfg.hardware.device == "cuda" else "cpu")
+    model = build_model(cfg.model, vocab_size=data.tokenizer.vocab_size, eos_id=data.tokenizer.eos_id).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    device = torch.device("cpu")
     rng = np.random.default_rng(0)
-    blocks = torch.from_numpy(data.train.input_ids.astype(np.int64))
+    blocks = torch.from_numpy(data.train.input_ids.astype(np.int64)).to(device)
     b, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
     model.train()
     durations = []
@@ -90,6 +91,36 @@ def trainer_step_times(cfg, run_dir: Path, warmup: int) -> list[float]:
     return [times[s] - times[s - 1] for s in range(warmup + 1, cfg.train.max_steps + 1)]
 
 
+def measure(steps: int, warmup: int, trials: int, overrides: list[str]) -> dict:
+    register_schemas()
+    ratios, bare_tps, trainer_tps, mean_ratios = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in range(trials):
+            run_dir = Path(tmp) / f"trial{trial}"
+            cfg = config(steps, Path(tmp), [f"run.name=trial{trial}", *overrides])
+            tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
+            if trial % 2 == 0:
+                bare = bare_step_times(cfg, warmup)
+                ours = trainer_step_times(cfg, run_dir, warmup)
+            else:
+                ours = trainer_step_times(cfg, run_dir, warmup)
+                bare = bare_step_times(cfg, warmup)
+            bare_tps.append(tokens_per_step / statistics.median(bare))
+            trainer_tps.append(tokens_per_step / statistics.median(ours))
+            ratios.append(trainer_tps[-1] / bare_tps[-1])
+            mean_ratios.append(statistics.fmean(bare) / statistics.fmean(ours))
+            print(f"trial {trial}: bare {bare_tps[-1]:.0f} tok/s, trainer {trainer_tps[-1]:.0f} tok/s, "
+                  f"ratio {ratios[-1]:.3f} (of mean step times {mean_ratios[-1]:.3f})", flush=True)
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_of_mean_step_times": statistics.median(mean_ratios),
+        "trainer_tokens_per_s": statistics.median(trainer_tps),
+        "bare_tokens_per_s": statistics.median(bare_tps),
+        "trial_ratios": [round(r, 4) for r in ratios],
+        "trials": trials, "steps": steps, "warmup_steps": warmup, "target": ">= 0.95",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -97,34 +128,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.n_embd=256")
     args = parser.parse_args()
-    register_schemas()
-    ratios, bare_tps, trainer_tps, mean_ratios = [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for trial in range(args.trials):
-            run_dir = Path(tmp) / f"trial{trial}"
-            cfg = config(args.steps, Path(tmp), [f"run.name=trial{trial}", *args.overrides])
-            tokens_per_step = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum_steps
-            if trial % 2 == 0:
-                bare = bare_step_times(cfg, args.warmup)
-                ours = trainer_step_times(cfg, run_dir, args.warmup)
-            else:
-                ours = trainer_step_times(cfg, run_dir, args.warmup)
-                bare = bare_step_times(cfg, args.warmup)
-            bare_tps.append(tokens_per_step / statistics.median(bare))
-            trainer_tps.append(tokens_per_step / statistics.median(ours))
-            ratios.append(trainer_tps[-1] / bare_tps[-1])
-            mean_ratios.append(statistics.fmean(bare) / statistics.fmean(ours))
-            print(f"trial {trial}: bare {bare_tps[-1]:.0f} tok/s, trainer {trainer_tps[-1]:.0f} tok/s, "
-                  f"ratio {ratios[-1]:.3f} (of mean step times {mean_ratios[-1]:.3f})", flush=True)
-    result = {
-        "ratio": statistics.median(ratios),
-        "ratio_of_mean_step_times": statistics.median(mean_ratios),
-        "trainer_tokens_per_s": statistics.median(trainer_tps),
-        "bare_tokens_per_s": statistics.median(bare_tps),
-        "trial_ratios": [round(r, 4) for r in ratios],
-        "trials": args.trials, "steps": args.steps, "warmup_steps": args.warmup, "target": ">= 0.95",
-    }
-    print(json.dumps(result))
+    print(json.dumps(measure(args.steps, args.warmup, args.trials, args.overrides)))
 
 
 if __name__ == "__main__":
