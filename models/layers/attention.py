@@ -266,8 +266,10 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
         return None
     sm80 = _sm80_or_newer(x.device)
     if TORCH_VARLEN_AVAILABLE and not dropout_p and sm80:
+        _say_once(logging.INFO, "document-masked attention: torch.nn.attention.varlen.varlen_attn")
         return TORCH_VARLEN
     if FLASH_ATTN_AVAILABLE:
+        _say_once(logging.INFO, "document-masked attention: flash-attn's flash_attn_varlen_func")
         return FLASH_ATTN
     if not TORCH_VARLEN_AVAILABLE:
         why = (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (PyTorch 2.9+); upgrade "
@@ -278,19 +280,20 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
     else:
         why = (f"attention dropout is {dropout_p} and torch's varlen_attn has none; set the model's attention "
                "dropout to 0 or install flash-attn (pip install -e '.[flash]')")
-    _warn_once(why)
+    # The fallback is correct, only slower and O(T^2) in memory: say so, with the fix, and go on.
+    _say_once(logging.WARNING, "document-masked attention on CUDA falls back to SDPA with a [B, 1, T, T] mask "
+              f"(memory grows with T^2): {why}")
     return None
 
 
 _warned: set[str] = set()
 
 
-def _warn_once(why: str) -> None:
-    """Once per reason and process: the fallback is correct, only slower and O(T^2) in memory, so say so and go on."""
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("document-masked attention on CUDA falls back to SDPA with a [B, 1, T, T] mask (memory "
-                    "grows with T^2): %s", why)
+def _say_once(level: int, message: str) -> None:
+    """Every layer of every forward asks for a backend; a run's log names the one it got once."""
+    if message not in _warned:
+        _warned.add(message)
+        log.log(level, message)
 
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
