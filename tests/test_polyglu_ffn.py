@@ -95,7 +95,11 @@ def test_shapes_and_last_routing():
             assert logits.shape == (noise_shape(pool, docs))
             ent = m.last_routing["entropy"]
             assert ent.ndim == 0 and 0 <= ent.item() <= math.log(K) + 1e-6
+            assert not m.last_entropy.requires_grad  # no regulariser asked for its graph
+            m.entropy_graph = True  # what model.entropy_reg > 0 sets
+            m(torch.randn(B, T, D), document_ids=docs)
             assert m.last_entropy.requires_grad
+            m.entropy_graph = False
 
 
 def _outputs(m, x, docs):

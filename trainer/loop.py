@@ -77,7 +77,9 @@ class TrainingLoop:
                      **{keys.train_metric(k): v * even for k, v in out.metrics.items()}}
             for into, values in ((sums, parts), (routing, {k: v * even for k, v in out.routing.items()})):
                 for key, value in values.items():
-                    value = value.detach().float()
+                    # On the engine's device: one torch.cat below takes them all, and a family's metric made
+                    # without device= (a Python number wrapped in a tensor) must not break a GPU run.
+                    value = value.detach().float().to(engine.device)
                     into[key] = into[key] + value if key in into else value
         grad_norm = engine.optimizer_step()
         # One reduction for everything logged, scalars and per-expert vectors alike: each summand is already

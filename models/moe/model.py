@@ -79,7 +79,7 @@ class MoEGPT2(DenseGPT2):
             routing[stats.entropy(i)] = aux["entropy"]
         routing[stats.ENTROPY_MEAN] = torch.stack([a["entropy"] for a in auxes]).mean()
         metrics = {stats.LB_LOSS: lb.detach(), stats.Z_LOSS: z.detach(),
-                   stats.ROUTER_NOISE_STD: torch.tensor(self.moe_modules()[0].router.noise_std)}
+                   stats.ROUTER_NOISE_STD: torch.tensor(self.moe_modules()[0].router.noise_std, device=lb.device)}
         return lm_output(out.loss, aux_losses={"lb": self.lb_coef * lb, "z": self.z_coef * z},
                          metrics=metrics, routing=routing)
 

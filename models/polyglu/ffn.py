@@ -162,6 +162,10 @@ class PolyGLU(nn.Module):
         self.tau = 1.0
         self.last_routing: dict[str, Tensor] = {}
         self.last_entropy: Tensor | None = None
+        # Whether last_entropy keeps its autograd graph: only an entropy regulariser (model.entropy_reg > 0)
+        # backpropagates through it. Kept by default, the graph holds two tensors of the routing logits' size per
+        # layer alive through backward (with packed documents, [B, T, d_ff, 4] fp32 each) for nothing.
+        self.entropy_graph = False
 
     # tau travels with the weights (state_dict key `<layer>._extra_state`): a snapshot routes at the temperature its
     # last update trained with (0.1 at the end of an annealed run), not at the 1.0 a freshly built layer starts at.
@@ -231,11 +235,13 @@ class PolyGLU(nn.Module):
         return logits, g
 
     def _record(self, logits: Tensor) -> None:
-        """last_entropy keeps its graph (an entropy regulariser backpropagates through it); last_routing is
-        the detached copy monitors read. Per-position logits above _MAX_STORED_LOGITS are kept averaged over T.
+        """last_entropy keeps its graph when `entropy_graph` is set (an entropy regulariser backpropagates through
+        it); last_routing is the detached copy monitors read. Per-position logits above _MAX_STORED_LOGITS are kept
+        averaged over T.
         """
-        logp = torch.log_softmax(logits, dim=-1)
-        self.last_entropy = -(logp.exp() * logp).sum(-1).mean()
+        with torch.set_grad_enabled(self.entropy_graph and torch.is_grad_enabled()):
+            logp = torch.log_softmax(logits, dim=-1)
+            self.last_entropy = -(logp.exp() * logp).sum(-1).mean()
         stored = logits.detach()
         if stored.shape[1] == 1:
             stored = stored[:, 0]

@@ -34,6 +34,8 @@ class PolyGLULM(nn.Module):
         self.net = PolychromaticTransformer(transformer_shape(cfg, vocab_size), ffn_factory(cfg))
         self.vocab_size = vocab_size
         self.set_tau(cfg.tau_frozen if cfg.tau_frozen is not None else cfg.tau_start)
+        for ffn in self.ffns():
+            ffn.entropy_graph = cfg.entropy_reg > 0
 
     def ffns(self) -> list[PolyGLU]:
         return [block.ffn for block in self.net.layers]
@@ -53,7 +55,8 @@ class PolyGLULM(nn.Module):
             static = [f.static_entropy() for f in ffns]
         routing.update({stats.static_entropy(i): e for i, e in enumerate(static)})
         routing[stats.STATIC_ENTROPY_MEAN] = torch.stack(static).mean()
-        metrics = {stats.TAU: torch.tensor(ffns[0].tau), stats.ROUTING_ENTROPY: routing[stats.DYNAMIC_ENTROPY_MEAN]}
+        metrics = {stats.TAU: torch.tensor(ffns[0].tau, device=loss.device),
+                   stats.ROUTING_ENTROPY: routing[stats.DYNAMIC_ENTROPY_MEAN]}
         aux = {}
         if self.cfg.entropy_reg > 0:
             differentiable = torch.stack([f.last_entropy for f in ffns]).mean()
