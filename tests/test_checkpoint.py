@@ -368,5 +368,10 @@ def test_hardware_deterministic_turns_on_deterministic_kernels(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()  # a kernel without a twin warns, never stops
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        # SDPA's backwards that stay nondeterministic in warn-only mode are off; math and flash remain.
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.enable_cudnn_sdp(True)

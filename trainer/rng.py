@@ -31,12 +31,18 @@ def seed_everything(seed: int) -> None:
 
 def use_deterministic_kernels() -> None:
     """hardware.deterministic: kernels that give the same bits on every run. cuBLAS reads its workspace setting when
-    its first handle is made, so this runs before the model meets the GPU. warn_only: an op without a
-    deterministic kernel (torch.bincount on CUDA, say) warns rather than stopping a run; integer counts are exact
-    anyway."""
+    its first handle is made, so this runs before the model meets the GPU.
+
+    warn_only: an op without a deterministic kernel warns (once) rather than stopping a run. In that mode
+    PyTorch keeps the memory-efficient and cuDNN attention backwards nondeterministic (atomics over key blocks),
+    so SDPA is held to its math and flash kernels: fp32 attention (what an exact-resume check runs) is then
+    deterministic; bf16's flash backward is deterministic only in PyTorch's strict mode, which other ops here
+    (index_copy, multi-dimensional scatter) would refuse."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     log.info("hardware.deterministic=true: deterministic kernels (CUBLAS_WORKSPACE_CONFIG=%s)",
              os.environ["CUBLAS_WORKSPACE_CONFIG"])
 

@@ -95,8 +95,8 @@ def _segment_pool(x: Tensor, document_ids: Tensor | None, causal: bool) -> tuple
     Returns (pooled, first): pooled is [B, 1, d] for the whole-sequence mean and [B, T, d] otherwise; first
     ([B, T], mean pool with documents only) is each token's document's first position, so noise can be drawn
     once per document. Documents are the tokens sharing an id in a row, contiguous or not: a stable sort by id
-    makes each one a contiguous run in time order, where a cumsum (prefix) or scatter_add (total) per run is
-    cheap, and the result is scattered back.
+    makes each one a contiguous run in time order, where a cumsum (prefix) or a sum at the run's start (total) is
+    cheap, and the result is gathered back through the inverse permutation.
     """
     B, T, D = x.shape
     if document_ids is None:
@@ -107,26 +107,36 @@ def _segment_pool(x: Tensor, document_ids: Tensor | None, causal: bool) -> tuple
 
     ids = document_ids.to(device=x.device)
     order = torch.argsort(ids, dim=1, stable=True)
-    xs = x.gather(1, order[..., None].expand(B, T, D))
+    inverse = torch.argsort(order, dim=1)  # sorted position of each token: the way back, as a gather
+    # Rows are moved with index_select / index_add_ over the flattened [B*T, D] batch rather than gather /
+    # scatter_add_ along dim 1: on CUDA their backward and sums then have deterministic kernels under
+    # torch.use_deterministic_algorithms (hardware.deterministic), where multi-dimensional scatter_add_ has none.
+    base = (torch.arange(B, device=x.device) * T)[:, None]
+    flat = x.reshape(B * T, D)
+
+    def rows(src: Tensor, index: Tensor) -> Tensor:  # src [B*T, D]; index [B, T] positions within each row
+        return src.index_select(0, (index + base).reshape(-1)).view(B, T, D)
+
+    xs = rows(flat, order)
     ids_s = ids.gather(1, order)
     pos = torch.arange(T, device=x.device).expand(B, T)
     is_start = torch.ones(B, T, dtype=torch.bool, device=x.device)
     is_start[:, 1:] = ids_s[:, 1:] != ids_s[:, :-1]
     start = torch.where(is_start, pos, 0).cummax(dim=1).values  # sorted index of each token's document start
-    start_x = start[..., None].expand(B, T, D)
     if causal:
         csum = xs.cumsum(dim=1)
-        before = (csum - xs).gather(1, start_x)  # sum of everything sorted before the document
+        before = rows((csum - xs).reshape(B * T, D), start)  # sum of everything sorted before the document
         pooled_s = (csum - before) / (pos - start + 1).to(x.dtype)[..., None]
         first = None
     else:
-        # scatter_add instead of a cumsum difference: no cancellation error for long packed rows.
-        sums = torch.zeros_like(xs).scatter_add_(1, start_x, xs)
-        ones = torch.ones(B, T, device=x.device, dtype=x.dtype)
-        counts = torch.zeros_like(ones).scatter_add_(1, start, ones)
-        pooled_s = sums.gather(1, start_x) / counts.gather(1, start)[..., None]
-        first = torch.empty_like(order).scatter_(1, order, order.gather(1, start))
-    pooled = torch.empty_like(pooled_s).scatter_(1, order[..., None].expand(B, T, D), pooled_s)
+        # Summed per document start instead of a cumsum difference: no cancellation error for long packed rows.
+        at = (start + base).reshape(-1)
+        sums = torch.zeros_like(flat).index_add_(0, at, xs.reshape(B * T, D))
+        counts = torch.zeros(B * T, device=x.device, dtype=x.dtype).index_add_(
+            0, at, torch.ones(B * T, device=x.device, dtype=x.dtype))
+        pooled_s = (sums.index_select(0, at) / counts.index_select(0, at)[:, None]).view(B, T, D)
+        first = order.gather(1, start).gather(1, inverse)  # integers: no gradient, so no scatter in backward
+    pooled = rows(pooled_s.reshape(B * T, D), inverse)
     return pooled, first
 
 

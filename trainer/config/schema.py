@@ -92,9 +92,10 @@ class HardwareConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     engine: str = "auto"  # auto (ddp under torchrun with >1 process, else single) | single | ddp | deepspeed
     compile: bool = False
-    # Deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS workspace): on CUDA a rerun or an
-    # exact resume then gives the same bits, where atomics in some backward kernels would otherwise differ in the
-    # last place. Costs some speed on GPU; CPU runs are deterministic already.
+    # Deterministic kernels where PyTorch has them (trainer/rng.py: use_deterministic_algorithms warn-only, a fixed
+    # cuBLAS workspace, SDPA held to its math and flash kernels): on CUDA an fp32 rerun or exact resume then gives
+    # the same bits, where atomics in some backward kernels would otherwise differ in the last place. Costs speed
+    # and attention memory on GPU; CPU runs are deterministic already.
     deterministic: bool = False
     dist_backend: str = "auto"  # auto (nccl on cuda, gloo otherwise) | nccl | gloo
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
