@@ -5,6 +5,7 @@ one PolyGLU training step, the MoE measurement with the sorted variant, the summ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,14 @@ def test_summary_verdicts(tmp_path):
     summary = summarize.summarize(tmp_path, dry_run=False, wall_s=12.0)
     assert summary["cuda_tests"]["passed"] == 2 and summary["cuda_tests"]["failed"] == ["tests.test_cuda::b"]
     assert summary["all_tests_passed"] is False
+
+
+def test_steps_past_the_time_budget_are_skipped_and_recorded(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(GPU / "run.sh"), "--dry-run", "--budget-s", "5", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    steps = ("env", "tests", "polyglu_mfu", "moe_layer", "trainer_overhead")
+    assert summary["exit_codes"] == dict.fromkeys(steps, "skipped")
+    assert re.search(r"skipped, [0-5] s left of the 5 s budget", proc.stdout)
