@@ -89,7 +89,7 @@ if [ "$DRY_RUN" = 1 ]; then BENCH=(--dry-run); fi
 
 step install 180 bash -c "set -e
   if [ ! -d '$WHEELS' ]; then echo 'no wheel folder $WHEELS: fill it with bash benchmarks/gpu/fetch_wheels.sh'; exit 3; fi
-  '$PY' -m pip install --quiet --disable-pip-version-check --no-index --find-links '$WHEELS' -r benchmarks/gpu/wheels.txt
+  '$PY' -m pip install --quiet --disable-pip-version-check --no-index --no-deps --find-links '$WHEELS' -r benchmarks/gpu/wheels.txt
   '$PY' -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation -e .
   '$PY' -c 'import torch, hydra, omegaconf; print(\"torch\", torch.__version__, \"untouched\")'"
 step env 60 "$PY" benchmarks/gpu/env.py

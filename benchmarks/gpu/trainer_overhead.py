@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import common
+import torch
 import trainer_overhead as overhead  # benchmarks/trainer_overhead.py: the CPU claim's two loops
 
 GPU = ["hardware=cuda", "model=dense", "model.n_layer=12", "model.n_embd=768", "model.n_head=12",
@@ -33,7 +34,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
-    if args.dry_run:
+    if args.dry_run or not torch.cuda.is_available():
+        if not args.dry_run:
+            print("no CUDA device: a dry run instead", file=sys.stderr)
         cfg = common.compose(GPU)  # the overrides still compose and validate
         print(f"would time the trainer against a bare loop, {args.trials} trials of {args.steps} steps "
               f"({args.warmup} warmup): {cfg.model.family} {cfg.model.n_layer} x {cfg.model.n_embd}, "
