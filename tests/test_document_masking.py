@@ -221,14 +221,18 @@ def test_torch_varlen_path_matches_the_masked_sdpa_path(monkeypatch):
     torch.testing.assert_close(after[0, 12:], varlen[0, 12:], rtol=0, atol=0)
 
 
-def test_torch_varlen_gqa_and_dropout_guard(monkeypatch):
-    monkeypatch.setattr(attention_module, "varlen_attn", reference_varlen_attn)
+def gqa_inputs():
+    """bf16 q [2, 16, 4, 8] and k, v with 2 KV heads, over DOC, with a torch-varlen and a masked-SDPA context."""
     b, t, h, kv, hd = 2, 16, 4, 2, 8
     q, k, v = (torch.randn(b, t, n, hd, dtype=torch.bfloat16) for n in (h, kv, kv))
     cu, max_len = cu_seqlens_from_document_ids(DOC)
     ctx = AttentionContext(cu_seqlens=cu, max_seqlen=max_len, varlen=TORCH_VARLEN)
-    masked = AttentionContext(attn_mask=attention_module.document_causal_mask(DOC))
-    torch.testing.assert_close(attend(q, k, v, ctx).float(), attend(q, k, v, masked).float(), atol=0.02, rtol=0.02)
+    return q, k, v, ctx, AttentionContext(attn_mask=attention_module.document_causal_mask(DOC))
+
+
+def test_torch_varlen_dropout_and_dtype_guards(monkeypatch):
+    monkeypatch.setattr(attention_module, "varlen_attn", reference_varlen_attn)
+    q, k, v, ctx, _ = gqa_inputs()
     with pytest.raises(RuntimeError, match="no dropout"):
         attend(q, k, v, ctx, dropout_p=0.1)
     with pytest.raises(RuntimeError, match="needs fp16/bf16"):
@@ -254,11 +258,7 @@ def test_every_release_of_varlen_attn_gets_a_call_it_takes(monkeypatch, kernel, 
     """The GPU image may carry an older torch than CI: causal, scale and GQA are spelled in its keywords (or, where
     it has none, done around the call) and the result is the masked SDPA path's."""
     monkeypatch.setattr(attention_module, "varlen_attn", kernel)
-    b, t, h, kv, hd = 2, 16, 4, 2, 8
-    q, k, v = (torch.randn(b, t, n, hd, dtype=torch.bfloat16) for n in (h, kv, kv))
-    cu, max_len = cu_seqlens_from_document_ids(DOC)
-    ctx = AttentionContext(cu_seqlens=cu, max_seqlen=max_len, varlen=TORCH_VARLEN)
-    masked = AttentionContext(attn_mask=attention_module.document_causal_mask(DOC))
+    q, k, v, ctx, masked = gqa_inputs()
     torch.testing.assert_close(attend(q, k, v, ctx, scale=scale).float(), attend(q, k, v, masked, scale=scale).float(),
                                atol=0.03, rtol=0.03)
 

@@ -100,15 +100,9 @@ def grouped_expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Ten
         bounds.append((start, start + c))
         start += c
 
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # The expert matmuls use out= (no autocast rule applies to those), so apply autocast's cast by hand
-        # and run with it off; gradients flow back through the casts to the fp32 masters.
-        dtype = torch.get_autocast_dtype(device_type)
-        x, gates, w_fc, b_fc, w_proj, b_proj = (t.to(dtype) for t in (x, gates, w_fc, b_fc, w_proj, b_proj))
-    else:
-        gates = gates.to(x.dtype)
-    with torch.autocast(device_type=device_type, enabled=False):
+    # The expert matmuls use out= (no autocast rule applies to those).
+    x, gates, w_fc, b_fc, w_proj, b_proj = _cast_as_autocast_would(x, gates, w_fc, b_fc, w_proj, b_proj)
+    with torch.autocast(device_type=x.device.type, enabled=False):
         return _GroupedFFN.apply(x, gates, w_fc, b_fc, w_proj, b_proj, token, order, inverse, bounds, activation)
 
 
@@ -148,15 +142,9 @@ def grouped_mm_expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: 
     offs = ends.to(torch.int32)  # cumulative group ends, as _grouped_mm wants them
     row_expert = torch.searchsorted(ends, torch.arange(padded_rows, device=ends.device), right=True)
 
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # _grouped_mm has no autocast rule: apply autocast's cast by hand and run with it off; gradients flow
-        # back through the casts to the fp32 masters.
-        dtype = torch.get_autocast_dtype(device_type)
-        x, gates, w_fc, b_fc, w_proj, b_proj = (t.to(dtype) for t in (x, gates, w_fc, b_fc, w_proj, b_proj))
-    else:
-        gates = gates.to(x.dtype)
-    with torch.autocast(device_type=device_type, enabled=False):
+    # _grouped_mm has no autocast rule.
+    x, gates, w_fc, b_fc, w_proj, b_proj = _cast_as_autocast_would(x, gates, w_fc, b_fc, w_proj, b_proj)
+    with torch.autocast(device_type=x.device.type, enabled=False):
         # _grouped_mm takes no bias: add each row's expert bias as one-hot [P, E] @ b [E, out], fused into an
         # addmm. Its gradient, one_hot^T @ d(h), is a GEMM, deterministic, unlike index_add's atomics on CUDA.
         one_hot = (row_expert[:, None] == torch.arange(num_experts, device=x.device)).to(x.dtype)
@@ -173,6 +161,16 @@ def grouped_mm_expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: 
         # out.sum().backward(), from reaching _grouped_mm's backward, which rejects it.
         y = yp.index_select(0, row) * gates.reshape(m, 1)
         return y.view(n, -1) if k == 1 else y.view(n, k, -1).sum(dim=1)
+
+
+def _cast_as_autocast_would(x: Tensor, gates: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
+    """For expert matmuls autocast does not reach: under autocast, everything in its dtype (the caller then runs
+    with autocast off; gradients flow back through the casts to the fp32 masters); else the gates in x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) for t in (x, gates, *weights))
+    return (x, gates.to(x.dtype), *weights)
 
 
 class _GroupedFFN(torch.autograd.Function):
