@@ -88,6 +88,29 @@ def test_the_micro_batch_search_doubles_then_tries_once_between():
     assert polyglu_mfu.largest_micro_batch(Fake(1000), 2, 64) == 64  # capped: never past --max-batch
 
 
+def test_timed_steps_halve_the_micro_batch_when_a_later_step_runs_out_of_memory():
+    class Fake:
+        def __init__(self, limit):
+            self.limit, self.steps, self.forgotten = limit, [], 0
+
+        def step(self, b):
+            self.steps.append(b)
+            if b > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+
+        def forget_failed_step(self):
+            self.forgotten += 1
+
+    class Args:
+        warmup, steps = 1, 2
+
+    fake = Fake(6)
+    seconds, halvings = polyglu_mfu.timed_steps(fake, 12, Args)
+    assert halvings == 1 and len(seconds) == 2 and fake.steps == [12, 6, 6, 6] and fake.forgotten == 1
+    with pytest.raises(RuntimeError, match="out of memory at 4 rows"):
+        polyglu_mfu.timed_steps(Fake(0), 4, Args)
+
+
 def test_a_polyglu_training_step_on_packed_documents_runs_on_cpu():
     cfg = common.compose(["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
                           "model.n_kv_heads=2", "model.head_dim=8", "model.max_seq_len=64", "data.block_size=64"])

@@ -96,14 +96,18 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def forget_failed_step(self) -> None:
+        """After an out-of-memory step: drop its partial gradients and give the cached blocks back."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def fits(self, b: int) -> bool:
         try:
             self.step(b)
             return True
         except torch.OutOfMemoryError:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self.forget_failed_step()
             return False
 
 
@@ -119,6 +123,25 @@ def largest_micro_batch(trainer: Trainer, start: int, limit: int) -> int:
     return fit
 
 
+def timed_steps(trainer: Trainer, b: int, args) -> tuple[list[float], int]:
+    """Seconds of `args.steps` steps after `args.warmup`, at b rows, or at b/2 (and b/4) if a later step runs out
+    of memory where the search's single step did not (fragmentation at the edge of memory). Returns the times
+    and how many times b was halved."""
+    for halvings in range(3):
+        rows = b >> halvings
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.warmup):
+                trainer.step(rows)
+            return [common.timed(lambda r=rows: trainer.step(r)) for _ in range(args.steps)], halvings
+        except torch.OutOfMemoryError:
+            trainer.forget_failed_step()
+            if rows == 1:
+                break
+    raise RuntimeError(f"out of memory at {b} rows and at every halving down to {max(b >> 2, 1)}")
+
+
 def measure(checkpointing: bool, args, peak: float, nominal: float | None) -> dict:
     cfg, vocab = config(checkpointing, args.seq)
     trainer = Trainer(cfg, vocab)
@@ -127,15 +150,14 @@ def measure(checkpointing: bool, args, peak: float, nominal: float | None) -> di
         trainer.release()
         return {"activation_checkpointing": checkpointing, "micro_batch": 0,
                 "error": f"{args.start_batch} rows of {args.seq} tokens do not fit"}
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        trainer.step(b)
-    seconds = [common.timed(lambda: trainer.step(b)) for _ in range(args.steps)]
+    seconds, backed_off = timed_steps(trainer, b, args)
+    b = b >> backed_off
     tokens_per_s = b * args.seq / statistics.median(seconds)
     six_n, with_attention = flops_per_token(cfg.model, trainer.n_params, args.seq)
     result = {
         "activation_checkpointing": checkpointing, "micro_batch": b, "tokens_per_step": b * args.seq,
         "tokens_per_s": round(tokens_per_s), "step_s_median": round(statistics.median(seconds), 4),
+        "halved_after_oom": backed_off,
         "mfu": round(tokens_per_s * six_n / (peak * 1e12), 4),
         "mfu_with_attention": round(tokens_per_s * with_attention / (peak * 1e12), 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
@@ -165,7 +187,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--start-batch", type=int, default=2)
+    parser.add_argument("--start-batch", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=64)  # 262k tokens a micro-batch: MFU has long flattened
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
