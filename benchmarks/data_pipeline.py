@@ -50,7 +50,6 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from hydra import compose, initialize_config_dir
 
 from data.config import DataConfig, DomainConfig, TokenizerConfig
 from data.shards.load import build_shard_data
@@ -59,7 +58,7 @@ from data.shards.tokenize import domain_dir, resolve_workers, tokenize_data
 from data.sources import load_documents
 from data.tokenizer import load_gpt2
 from models.registry import build_model
-from trainer.config.validate import register_schemas, validate
+from trainer.config.validate import compose_config
 from trainer.optim import build_optimizer
 from trainer.rng import seed_everything
 
@@ -69,9 +68,7 @@ DOMAIN = "text"
 
 
 def shakedown_config():
-    register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return validate(compose("config", overrides=["preset=shakedown", "data.tokenizer.name=gpt2"]))
+    return compose_config(["preset=shakedown", "data.tokenizer.name=gpt2"])
 
 
 def write_corpus(path: Path, cache_dir: str, repeat: int) -> tuple[int, int]:

@@ -56,11 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from benchmarks.trainer_overhead import trainer_step_times  # the real trainer, timed from its per-step log lines
 from data.build import build_data
-from trainer.config.validate import register_schemas, validate
+from trainer.config.validate import compose_config
 
 TARGETS = {"sft_vs_pretrain": ">= 0.9", "packing_efficiency": ">= 0.95"}
 BLOCK_SIZE = 512  # sft-math's (conf/data/sft-math.yaml); pretraining is run at the same
@@ -81,8 +80,7 @@ def config(arm: str, steps: int, run_dir: Path, extra: list[str]):
         f"checkpoint.save_every={10**6}", "checkpoint.save_final=false", "tracking.wandb_mode=disabled",
         "data.max_eval_blocks=1", f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return validate(compose("config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def shared_tokenizer(extra: list[str]) -> str:
@@ -125,7 +123,6 @@ def main() -> None:
         parser.error("--steps must exceed --warmup")
     if args.threads:
         torch.set_num_threads(args.threads)
-    register_schemas()
     tokenizer = shared_tokenizer(args.overrides)
     names = list(ARMS)
     tps = {arm: [] for arm in names}

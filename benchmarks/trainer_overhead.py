@@ -28,11 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
 from data.build import build_data
 from models.registry import build_model
-from trainer.config.validate import register_schemas, validate
+from trainer.config.validate import compose_config
 from trainer.engines.base import autocast_context
 from trainer.fit import train
 from trainer.optim import build_optimizer, build_scheduler
@@ -45,8 +44,7 @@ def config(steps: int, run_dir: Path, extra: list[str]):
         "checkpoint.save_final=false", "tracking.wandb_mode=disabled", "data.max_eval_blocks=1",
         f"run.output_dir={run_dir}", "run.name=bench", *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return validate(compose("config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def bare_step_times(cfg, warmup: int) -> list[float]:
@@ -92,7 +90,6 @@ def trainer_step_times(cfg, run_dir: Path, warmup: int) -> list[float]:
 
 
 def measure(steps: int, warmup: int, trials: int, overrides: list[str]) -> dict:
-    register_schemas()
     ratios, bare_tps, trainer_tps, mean_ratios = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for trial in range(trials):

@@ -22,20 +22,17 @@ KNOWN_VOCAB = {"gpt2": 50257, "Qwen/Qwen3-0.6B-Base": 151669}
 
 def count(overrides: list[str], vocab_size: int | None = None) -> tuple[int, object]:
     import torch
-    from hydra import compose, initialize_config_dir
 
     from models.registry import build_model
     from trainer.base.errors import UserError
-    from trainer.config.validate import register_schemas, validate
+    from trainer.config.validate import compose_config
 
-    register_schemas()
     paths = [o for o in overrides if "=" not in o and Path(o).exists()]
     if paths:  # a run directory is the natural first guess; Hydra would only say it cannot parse the override
         raise UserError(f"{paths[0]} is a path, not an override; eval.param_count composes a config from the "
                         "overrides trainer/run.py takes (preset=moe-main model.num_experts=16); a finished run's "
                         "count is n_parameters in its summary.json")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = validate(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     tokenizer = cfg.data.tokenizer
     vocab = vocab_size or (tokenizer.vocab_size if tokenizer.name == "bpe" else KNOWN_VOCAB.get(tokenizer.name))
     if vocab is None:

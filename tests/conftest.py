@@ -29,13 +29,9 @@ def data_cache(tmp_path_factory) -> Path:
 
 def compose_validated(overrides: list[str]):
     """The typed Config trainer/run.py would train with, composed in-process from conf/."""
-    from hydra import compose, initialize_config_dir
+    from trainer.config.validate import compose_config
 
-    from trainer.config.validate import register_schemas, validate
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return validate(compose("config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def free_port() -> int:

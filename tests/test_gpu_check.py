@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.config.validate import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "benchmarks" / "gpu"
 sys.path.insert(0, str(GPU))
 sys.path.insert(0, str(GPU.parent))
 
 # benchmarks/gpu is not a package: its scripts are imported by name from the path set above.
-import common
 import moe_layer
 import polyglu_mfu
 import summarize
@@ -112,7 +113,7 @@ def test_timed_steps_halve_the_micro_batch_when_a_later_step_runs_out_of_memory(
 
 
 def test_a_polyglu_training_step_on_packed_documents_runs_on_cpu():
-    cfg = common.compose(["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
+    cfg = compose_config(["model=polyglu", "model.d_model=32", "model.d_ff=64", "model.n_layers=2", "model.n_heads=4",
                           "model.n_kv_heads=2", "model.head_dim=8", "model.max_seq_len=64", "data.block_size=64"])
     trainer = polyglu_mfu.Trainer(cfg, vocab=97, device="cpu")
     before = [p.detach().clone() for p in trainer.model.parameters()]

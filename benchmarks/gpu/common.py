@@ -1,5 +1,5 @@
-"""What every GPU benchmark here shares: the composed config, the device's name, its measured bf16 matmul peak
-(the denominator of MFU), and timing that waits for the GPU. Imported by the scripts next to it."""
+"""What every GPU benchmark here shares: the repository on sys.path, the device's name, its measured bf16 matmul
+peak (the denominator of MFU), and timing that waits for the GPU. Imported by the scripts next to it."""
 
 from __future__ import annotations
 
@@ -17,18 +17,6 @@ import torch
 # against the measured matmul peak. The measured one is the headline: it is what this GPU, at its clocks and
 # power limit, reaches on a large square matmul (an H200 measured about 790 of its nominal 989).
 NOMINAL_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
-
-
-def compose(overrides: list[str]):
-    """The validated Config trainer/run.py would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from trainer.config.validate import register_schemas, validate
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return validate(hydra_compose("config", overrides=overrides))
 
 
 def device_info() -> dict:

@@ -34,6 +34,7 @@ import torch
 
 from eval.param_count import KNOWN_VOCAB
 from models.registry import build_model
+from trainer.config.validate import compose_config
 from trainer.engines.base import autocast_context
 from trainer.optim import build_optimizer
 
@@ -44,7 +45,7 @@ MEAN_DOCUMENT = 1024
 
 
 def config(checkpointing: bool, seq: int):
-    cfg = common.compose([f"preset={PRESET}", f"model.activation_checkpointing={str(checkpointing).lower()}",
+    cfg = compose_config([f"preset={PRESET}", f"model.activation_checkpointing={str(checkpointing).lower()}",
                           f"data.block_size={seq}", "tracking.wandb_mode=disabled"])
     return cfg, KNOWN_VOCAB[cfg.data.tokenizer.name]
 

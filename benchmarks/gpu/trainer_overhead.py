@@ -22,6 +22,8 @@ import common
 import torch
 import trainer_overhead as overhead  # benchmarks/trainer_overhead.py: the CPU claim's two loops
 
+from trainer.config.validate import compose_config
+
 GPU = ["hardware=cuda", "model=dense", "model.n_layer=12", "model.n_embd=768", "model.n_head=12",
        "model.n_positions=1024", "data.block_size=1024", "data.size_mb=2", "train.batch_size=8",
        "train.grad_accum_steps=1", "train.log_every=1"]
@@ -37,7 +39,7 @@ def main() -> None:
     if args.dry_run or not torch.cuda.is_available():
         if not args.dry_run:
             print("no CUDA device: a dry run instead", file=sys.stderr)
-        cfg = common.compose(GPU)  # the overrides still compose and validate
+        cfg = compose_config(GPU)  # the overrides still compose and validate
         print(f"would time the trainer against a bare loop, {args.trials} trials of {args.steps} steps "
               f"({args.warmup} warmup): {cfg.model.family} {cfg.model.n_layer} x {cfg.model.n_embd}, "
               f"{cfg.train.batch_size} x {cfg.data.block_size} tokens a step, {cfg.hardware.precision} on "

@@ -21,6 +21,7 @@ from trainer.config.explain import explain_merge
 from trainer.config.schema import Config, check_run_name, check_trainer
 
 RECORDED_CONFIG = "resolved_config.yaml"  # a run's record of the config it was trained with
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # trainer/run.py's config tree
 
 
 def register_schemas() -> None:
@@ -37,6 +38,16 @@ def register_schemas() -> None:
         store.store(group="schema/model", name=family, node=schema)
     if not OmegaConf.has_resolver("run_dir_name"):
         OmegaConf.register_new_resolver("run_dir_name", check_run_name)
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The validated Config trainer/run.py would train with, given these command-line overrides, composed in-process
+    from conf/: for tools, benchmarks and tests that need a run's config without launching one."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return validate(compose("config", overrides=overrides))
 
 
 def validate(cfg: DictConfig) -> Config:
