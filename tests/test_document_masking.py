@@ -14,6 +14,7 @@ import torch
 
 import models.gpt2.attention as gpt2_attention
 import models.layers.attention as attention_module
+import models.layers.kernels as kernels
 from eval.decoding import generate
 from models.gpt2.config import GPT2Config
 from models.layers.attention import (
@@ -282,7 +283,7 @@ def test_the_cuda_fallback_to_masked_sdpa_is_logged_once_with_its_reason(monkeyp
     monkeypatch.setattr(attention_module, "_sm80_or_newer", lambda device: sm80)
     monkeypatch.setattr(attention_module, "TORCH_VARLEN_AVAILABLE", torch_varlen)
     monkeypatch.setattr(attention_module, "FLASH_ATTN_AVAILABLE", False)
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(kernels, "_said", set())
     x = torch.zeros(2, 16, 8)
     with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
         for _ in range(3):  # every layer of every forward asks; the log says it once
@@ -293,7 +294,7 @@ def test_the_cuda_fallback_to_masked_sdpa_is_logged_once_with_its_reason(monkeyp
 
 
 def test_no_fallback_is_logged_off_cuda(monkeypatch, caplog):
-    monkeypatch.setattr(attention_module, "_warned", set())
+    monkeypatch.setattr(kernels, "_said", set())
     with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
         document_context(torch.zeros(2, 16, 8, dtype=torch.bfloat16), DOC)
     assert not caplog.records  # CPU runs use masked SDPA by design: nothing to warn about

@@ -29,6 +29,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from models.layers.kernels import cuda_capability, say_once
 from models.layers.rope import rope_cos_sin, rope_cos_sin_at
 
 try:  # optional: a broken CUDA build can raise more than ImportError
@@ -266,10 +267,10 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
         return None
     sm80 = _sm80_or_newer(x.device)
     if TORCH_VARLEN_AVAILABLE and not dropout_p and sm80:
-        _say_once(logging.INFO, "document-masked attention: torch.nn.attention.varlen.varlen_attn")
+        say_once(log, logging.INFO, "document-masked attention: torch.nn.attention.varlen.varlen_attn")
         return TORCH_VARLEN
     if FLASH_ATTN_AVAILABLE:
-        _say_once(logging.INFO, "document-masked attention: flash-attn's flash_attn_varlen_func")
+        say_once(log, logging.INFO, "document-masked attention: flash-attn's flash_attn_varlen_func")
         return FLASH_ATTN
     if not TORCH_VARLEN_AVAILABLE:
         why = (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (PyTorch 2.9+); upgrade "
@@ -281,19 +282,9 @@ def varlen_backend(x: torch.Tensor, dropout_p: float = 0.0) -> str | None:
         why = (f"attention dropout is {dropout_p} and torch's varlen_attn has none; set the model's attention "
                "dropout to 0 or install flash-attn (pip install -e '.[flash]')")
     # The fallback is correct, only slower and O(T^2) in memory: say so, with the fix, and go on.
-    _say_once(logging.WARNING, "document-masked attention on CUDA falls back to SDPA with a [B, 1, T, T] mask "
+    say_once(log, logging.WARNING, "document-masked attention on CUDA falls back to SDPA with a [B, 1, T, T] mask "
               f"(memory grows with T^2): {why}")
     return None
-
-
-_warned: set[str] = set()
-
-
-def _say_once(level: int, message: str) -> None:
-    """Every layer of every forward asks for a backend; a run's log names the one it got once."""
-    if message not in _warned:
-        _warned.add(message)
-        log.log(level, message)
 
 
 def _half_on_cuda(x: torch.Tensor) -> bool:
@@ -301,12 +292,7 @@ def _half_on_cuda(x: torch.Tensor) -> bool:
 
 
 def _sm80_or_newer(device: torch.device) -> bool:
-    return _capability_at_least_8(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@cache
-def _capability_at_least_8(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    return cuda_capability(device) >= (8, 0)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

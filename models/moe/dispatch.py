@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import logging
-from functools import cache
 
 import torch
 from torch import Tensor
+
+from models.layers.kernels import cuda_capability, say_once
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +41,18 @@ def _bf16_on_hopper_or_newer(x: Tensor) -> bool:
     if not x.is_cuda:
         return False
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype == torch.bfloat16 and _capability(x.device) >= (9, 0)
-
-
-@cache
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+    return dtype == torch.bfloat16 and cuda_capability(x.device) >= (9, 0)
 
 
 def expert_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Tensor, b_fc: Tensor,
                w_proj: Tensor, b_proj: Tensor, activation) -> Tensor:
     """The layer's one entry point: same arguments and result as `grouped_expert_ffn`, kernel per `expert_kernel`."""
     kernel = expert_kernel(x, w_fc)
-    if x.is_cuda and kernel not in _announced:  # a GPU run's log says once what its experts ran on
-        _announced.add(kernel)
-        log.info("MoE experts: %s", "torch._grouped_mm (bf16)" if kernel == "grouped_mm" else
-                 "sorted slices (grouped_mm needs bf16 on a GPU of compute capability 9.0+)")
+    if x.is_cuda:  # a GPU run's log says once what its experts ran on
+        say_once(log, logging.INFO, "MoE experts: " + ("torch._grouped_mm (bf16)" if kernel == "grouped_mm" else
+                 "sorted slices (grouped_mm needs bf16 on a GPU of compute capability 9.0+)"))
     fn = grouped_mm_expert_ffn if kernel == "grouped_mm" else grouped_expert_ffn
     return fn(x, expert_index, gates, w_fc, b_fc, w_proj, b_proj, activation)
-
-
-_announced: set[str] = set()
 
 
 def per_expert_loop_ffn(x: Tensor, expert_index: Tensor, gates: Tensor, w_fc: Tensor, b_fc: Tensor,
