@@ -37,6 +37,8 @@ from trainer.fit import train
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rng import seed_everything
 
+TARGET = ">= 0.95"
+
 
 def config(steps: int, run_dir: Path, extra: list[str]):
     overrides = [
@@ -114,7 +116,7 @@ def measure(steps: int, warmup: int, trials: int, overrides: list[str]) -> dict:
         "trainer_tokens_per_s": statistics.median(trainer_tps),
         "bare_tokens_per_s": statistics.median(bare_tps),
         "trial_ratios": [round(r, 4) for r in ratios],
-        "trials": trials, "steps": steps, "warmup_steps": warmup, "target": ">= 0.95",
+        "trials": trials, "steps": steps, "warmup_steps": warmup, "target": TARGET,
     }
 
 

@@ -44,7 +44,7 @@ def main() -> None:
               f"({args.warmup} warmup): {cfg.model.family} {cfg.model.n_layer} x {cfg.model.n_embd}, "
               f"{cfg.train.batch_size} x {cfg.data.block_size} tokens a step, {cfg.hardware.precision} on "
               f"{cfg.hardware.device}")
-        common.emit({"dry_run": True, "overrides": GPU, "target": ">= 0.95"})
+        common.emit({"dry_run": True, "overrides": GPU, "target": overhead.TARGET})
         return
     result = overhead.measure(args.steps, args.warmup, args.trials, GPU)
     common.emit({**result, **common.device_info()})
